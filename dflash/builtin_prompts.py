@@ -1,0 +1,92 @@
+"""Small prompt sets written for this project, so that benchmarks run offline.
+
+They are in the domains of the embedded tiny pair (Python code, simple arithmetic word
+problems, short chat questions) and stand in for the hub datasets when those are out of reach.
+"""
+
+MATH = [
+    "Tom has 12 apples. He buys 7 more apples and then gives 5 apples to his sister. How many apples does Tom have now?",
+    "A box holds 24 pencils. A teacher buys 6 boxes and hands out 95 pencils. How many pencils are left?",
+    "Sara reads 15 pages every day. How many pages does she read in 9 days?",
+    "A train travels 60 km per hour for 4 hours and then 45 km per hour for 2 hours. How far does it travel in total?",
+    "A shop sells pens for 3 dollars each. Mia buys 8 pens and pays with a 50 dollar bill. How much change does she get?",
+    "There are 48 students in a class. One third of them play football. How many students do not play football?",
+    "A farmer has 35 cows and 17 sheep. He sells 9 cows and buys 12 sheep. How many animals does he have now?",
+    "Ben saves 25 dollars every week. How many weeks does he need to save 300 dollars?",
+    "A rectangle is 14 meters long and 9 meters wide. What is its area and what is its perimeter?",
+    "Lisa bakes 4 trays of cookies with 18 cookies on each tray. She eats 7 cookies. How many cookies are left?",
+    "A bus has 52 seats. 37 people get on at the first stop and 11 get off at the second stop. How many seats are empty?",
+    "John is 3 times as old as his son. His son is 11 years old. How old will John be in 5 years?",
+    "A bakery sells 120 loaves of bread a day. How many loaves does it sell in two weeks?",
+    "Emma has 90 stickers. She gives 14 stickers to each of her 4 friends. How many stickers does she keep?",
+    "A car uses 6 liters of fuel for every 100 km. How many liters does it need for 450 km?",
+    "Compute 17 * 23 - 58 and explain each step.",
+    "What is the sum of all whole numbers from 1 to 20?",
+    "A garden has 7 rows of tomato plants with 13 plants in each row. 19 plants die. How many plants are left?",
+    "Nina runs 5 km on Monday, 8 km on Wednesday and 6 km on Friday. What is her average distance per run?",
+    "A school buys 15 boxes of chalk at 4 dollars a box and 10 notebooks at 2 dollars each. What is the total cost?",
+    "If x + 17 = 45, what is x?",
+    "A tank holds 200 liters of water. 35 liters leak out each hour. How much water is left after 4 hours?",
+    "Max has 3 times as many marbles as Leo. Together they have 64 marbles. How many marbles does Max have?",
+    "What is 15 percent of 240?",
+]
+
+CODE = [
+    'def add(a, b):\n    """Return the sum of a and b."""\n',
+    'def is_prime(n):\n    """Return True if n is a prime number, otherwise False."""\n',
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number, with fibonacci(0) == 0."""\n',
+    'def reverse_string(s):\n    """Return the string s reversed."""\n',
+    'def count_vowels(text):\n    """Count the vowels in text, ignoring case."""\n',
+    'def flatten(items):\n    """Flatten a list of lists into a single list."""\n',
+    'def read_lines(path):\n    """Read a text file and return its lines without trailing newlines."""\n',
+    'def word_count(text):\n    """Return a dict mapping each word in text to the number of times it occurs."""\n',
+    'def binary_search(items, target):\n    """Return the index of target in the sorted list items, or -1."""\n',
+    'def merge_dicts(a, b):\n    """Return a new dict with the keys of a and b; values of b win."""\n',
+    'class Stack:\n    """A simple last-in first-out stack."""\n\n    def __init__(self):\n',
+    'def parse_args(argv=None):\n    """Parse the command line arguments of the tool."""\n    parser = argparse.ArgumentParser(description=__doc__)\n',
+    'def factorial(n):\n    """Return n! for a non-negative integer n."""\n',
+    'def unique(items):\n    """Return the items without duplicates, keeping their first order."""\n',
+    'def chunks(seq, size):\n    """Yield successive chunks of length size from seq."""\n',
+    'import os\n\n\ndef list_python_files(root):\n    """Return the paths of all .py files under root."""\n',
+    'def gcd(a, b):\n    """Return the greatest common divisor of a and b."""\n',
+    'def to_snake_case(name):\n    """Convert a CamelCase name to snake_case."""\n',
+    'class Point:\n    """A point in the plane."""\n\n    def __init__(self, x, y):\n',
+    'def mean(values):\n    """Return the arithmetic mean of a non-empty list of numbers."""\n',
+    'def load_json(path):\n    """Load and return the JSON document stored at path."""\n',
+    'def clamp(value, low, high):\n    """Return value limited to the range [low, high]."""\n',
+    'def is_palindrome(text):\n    """Return True if text reads the same forwards and backwards."""\n',
+    'def transpose(matrix):\n    """Return the transpose of a matrix given as a list of rows."""\n',
+]
+
+CHAT = [
+    "What is a good way to start learning to program?",
+    "Can you explain what a list is in Python?",
+    "How do I keep my plants healthy in winter?",
+    "Give me three tips for writing clear emails.",
+    "What is the difference between a function and a method?",
+    "How can I make my morning routine more productive?",
+    "Explain what a dictionary is in Python and when to use one.",
+    "What should I pack for a weekend hiking trip?",
+    "How do I write a good commit message?",
+    "What are the benefits of regular exercise?",
+    "Can you explain recursion with a simple example?",
+    "How do I stay focused when working from home?",
+    "What is the best way to learn a new language?",
+    "Explain what an exception is and how to handle it in Python.",
+    "How do I make a simple budget?",
+    "What is version control and why is it useful?",
+    "Give me a short plan for studying for an exam.",
+    "How do I read a file line by line in Python?",
+    "What makes a good team meeting?",
+    "Explain the difference between a tuple and a list.",
+    "How can I sleep better at night?",
+    "What is unit testing and why does it matter?",
+    "Suggest a simple recipe for dinner.",
+    "How do I sort a list of dictionaries by a key in Python?",
+]
+
+BUILTIN_SETS = {
+    "builtin-math": MATH,
+    "builtin-code": CODE,
+    "builtin-chat": CHAT,
+}

@@ -1,0 +1,234 @@
+"""The decoding loop: plain autoregressive (block size 1) and DFlash speculative decoding.
+
+One loop serves both, on either engine. A cycle drafts a block ``[last, MASK x (b-1)]``,
+verifies it with one target forward, accepts the longest matching prefix (greedy) or applies
+exact speculative sampling (temperature > 0), emits the accepted proposals plus one bonus
+token, and feeds the verified positions' target features to the draft. The only host sync in
+a cycle is reading back the accepted tokens.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .draft import DFlashDraftModel
+from .engine import DraftEngine, HFTargetEngine, StaticTargetEngine, decoder_parts
+from .errors import UserError
+from .sampling import choose, greedy_accept, probs_at, speculative_accept
+
+ENGINES = ("auto", "static", "hf")
+
+
+class BlockPolicy(Protocol):
+    """Chooses the block size of each cycle and learns from what happened."""
+
+    def select(self, cycle_idx: int) -> int: ...
+
+    def update(self, tau: int, cycle_s: float, block_size: int, cycle_idx: int) -> None: ...
+
+
+class FixedPolicy:
+    def __init__(self, block_size: int):
+        if block_size < 1:
+            raise UserError(f"block size must be >= 1, got {block_size}")
+        self.block_size = block_size
+
+    def select(self, cycle_idx: int) -> int:
+        return self.block_size
+
+    def update(self, tau, cycle_s, block_size, cycle_idx) -> None:
+        pass
+
+
+@dataclass
+class CycleStat:
+    block_size: int
+    tau: int            # tokens this cycle contributed before truncation (accepted + 1)
+    cycle_s: float
+    draft_s: float | None = None
+    verify_s: float | None = None
+
+
+@dataclass
+class GenerationResult:
+    output_ids: list[int]
+    prompt_len: int
+    ttft_s: float
+    total_s: float
+    cycles: list[CycleStat] = field(default_factory=list)
+    stopped: bool = False  # ended on a stop token
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def decode_s(self) -> float:
+        return self.total_s - self.ttft_s
+
+    @property
+    def tpot_s(self) -> float:
+        """Time per output token after the first (decode time / tokens after the first)."""
+        return self.decode_s / max(1, self.num_tokens - 1)
+
+    @property
+    def mean_tau(self) -> float:
+        return sum(c.tau for c in self.cycles) / len(self.cycles) if self.cycles else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timer:
+    """Device-event timing on CUDA, host clock elsewhere; only used with collect_profile."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def elapsed(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b) / 1000.0
+        return b - a
+
+
+class SpeculativeDecoder:
+    """Decodes with ``target`` (HF causal LM) and an optional DFlash ``draft``."""
+
+    def __init__(self, target, draft: DFlashDraftModel | None = None, engine: str = "auto"):
+        if engine not in ENGINES:
+            raise UserError(f"unknown engine '{engine}'", f"choose one of {', '.join(ENGINES)}")
+        self.target, self.draft = target, draft
+        self.engine_name = "static" if engine == "auto" else engine
+        if draft is not None:
+            draft.check_target(target)
+            self.feature_layers = draft.target_layer_ids
+        else:
+            self.feature_layers = [0]
+        self._target_engine = None
+        self._draft_engine = None
+        self.device = target.get_input_embeddings().weight.device
+
+    def _engines(self, capacity: int):
+        eng = self._target_engine
+        if eng is None or eng.capacity < capacity:
+            capacity = max(capacity, 2 * eng.capacity if eng else 0)
+            cls = StaticTargetEngine if self.engine_name == "static" else HFTargetEngine
+            self._target_engine = cls(self.target, self.feature_layers, capacity)
+            if self.draft is not None:
+                embed, _, _, lm_head, _ = decoder_parts(self.target)
+                self._draft_engine = DraftEngine(self.draft, embed, lm_head, capacity)
+        return self._target_engine, self._draft_engine
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 stop_token_ids=None, block_size: int | None = None,
+                 policy: BlockPolicy | None = None, generator: torch.Generator | None = None,
+                 collect_profile: bool = False, max_block_size: int | None = None) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` after ``input_ids`` [1, P] (or [P])."""
+        if policy is None:
+            policy = FixedPolicy(block_size or (self.draft.block_size if self.draft else 1))
+        if temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {temperature}")
+        ids = input_ids.reshape(-1).to(self.device)
+        prompt_len = ids.numel()
+        if max_new_tokens <= 0:
+            return GenerationResult(output_ids=[], prompt_len=prompt_len, ttft_s=0.0, total_s=0.0)
+        stops = set(int(s) for s in (stop_token_ids or []))
+        biggest = max_block_size or getattr(policy, "max_block_size", None) or 64
+        target, draft = self._engines(prompt_len + max_new_tokens + biggest + 1)
+        greedy = temperature <= 0
+        timer = _Timer(self.device) if collect_profile else None
+        eager = True  # graph capture lands with dflash/graphs.py; eager slices the cache
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        positions = torch.arange(prompt_len, device=self.device)
+        logits, feats = target.forward(ids[None], positions, kv_len=prompt_len if eager else None)
+        last = choose(logits[0, -1:], temperature, generator)  # [1]
+        first = int(last.item())
+        ttft = time.perf_counter() - t0
+        output = [first]
+        stopped = first in stops
+        if draft is not None:
+            draft.append_context(feats, positions)
+        start = prompt_len
+        cycles: list[CycleStat] = []
+        mask_id = self.draft.mask_token_id if self.draft is not None else 0
+
+        while not stopped and len(output) < max_new_tokens:
+            c0 = time.perf_counter()
+            b = int(policy.select(len(cycles)))
+            if b < 1:
+                raise UserError(f"block-size policy chose {b}; block sizes must be >= 1")
+            if b > 1 and draft is None:
+                raise UserError("block size > 1 needs a draft model")
+            pos = torch.arange(start, start + b, device=self.device)
+            kv = start + b if eager else None
+            ev = [timer.mark()] if timer else None
+            if b > 1:
+                block = torch.full((1, b), mask_id, dtype=ids.dtype, device=self.device)
+                block[0, 0] = last[0]
+                d_logits = draft.propose_logits(block, pos, kv_len=kv)[0]  # [b-1, V]
+                if greedy:
+                    proposals = d_logits.argmax(dim=-1)
+                else:
+                    q = probs_at(d_logits, temperature)
+                    proposals = torch.multinomial(q, 1, generator=generator).squeeze(-1)
+                verify_ids = torch.cat([last, proposals])[None]
+            else:
+                proposals = last[:0]
+                verify_ids = last[None]
+            if timer:
+                ev.append(timer.mark())
+            t_logits, t_feats = target.forward(verify_ids, pos, kv_len=kv)
+            t_logits = t_logits[0]
+            if greedy:
+                accepted, nxt = greedy_accept(proposals, t_logits)
+            else:
+                accepted, nxt = speculative_accept(proposals, q if b > 1 else None,
+                                                   probs_at(t_logits, temperature), generator) \
+                    if b > 1 else (torch.zeros((), dtype=torch.int64, device=self.device),
+                                   choose(t_logits, temperature, generator))
+            if timer:
+                ev.append(timer.mark())
+            # The one host read of the cycle: accepted count, proposals and next tokens.
+            packed = torch.cat([accepted.reshape(1), proposals, nxt]).tolist()
+            acc = packed[0]
+            new_tokens = packed[1:1 + acc] + [packed[b + acc]]
+            tau = acc + 1
+            if draft is not None:
+                draft.append_context(t_feats[:, :tau], pos[:tau])
+            last = nxt[acc:acc + 1]
+            start += tau
+            for tok in new_tokens:
+                output.append(tok)
+                if tok in stops:
+                    stopped = True
+                    break
+                if len(output) >= max_new_tokens:
+                    break
+            cycle_s = time.perf_counter() - c0
+            stat = CycleStat(block_size=b, tau=tau, cycle_s=cycle_s)
+            if timer:
+                stat.draft_s = timer.elapsed(ev[0], ev[1]) if b > 1 else 0.0
+                stat.verify_s = timer.elapsed(ev[1], ev[2])
+            cycles.append(stat)
+            policy.update(tau, cycle_s, b, len(cycles) - 1)
+        _sync(self.device)
+        total = time.perf_counter() - t0
+        output = output[:max_new_tokens]
+        return GenerationResult(output_ids=output, prompt_len=prompt_len, ttft_s=ttft,
+                                total_s=total, cycles=cycles, stopped=stopped)

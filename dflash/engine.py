@@ -1,0 +1,202 @@
+"""Forward passes with a preallocated (static) KV cache, for the target and for the draft.
+
+The target engine runs the Hugging Face model's own modules (norms, projections, MLPs, rotary
+table) layer by layer, writing keys/values into fixed buffers at explicit positions. Because a
+query at position p only sees cache slots <= p, rolling back a rejected suffix is free: the
+stale slots are overwritten before anything can see them. Every forward is a pure function of
+(token ids, positions) plus the cache, so on CUDA it can be captured once per shape as a CUDA
+graph and replayed (see ``dflash/graphs.py``); on CPU it runs eagerly, same code.
+
+``HFTargetEngine`` is the plain eager Transformers path (``DynamicCache``), kept as a reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .draft import DFlashDraftModel, rope_cos_sin
+
+
+def text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def decoder_parts(model):
+    """(embed, layers, final_norm, lm_head, rotary) of an HF Qwen3/Llama-style causal LM."""
+    inner = model.model if hasattr(model, "model") else model.base_model
+    return inner.embed_tokens, inner.layers, inner.norm, model.lm_head, inner.rotary_emb
+
+
+class StaticTargetEngine:
+    """Target forward over a static KV cache; returns logits and selected-layer features."""
+
+    name = "static"
+
+    def __init__(self, model, feature_layer_ids: list[int], capacity: int):
+        self.model = model
+        self.embed, self.layers, self.norm, self.lm_head, rotary = decoder_parts(model)
+        cfg = text_config(model)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.feature_layer_ids = list(feature_layer_ids)
+        self._wanted = set(self.feature_layer_ids)
+        weight = self.embed.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.capacity = capacity
+        shape = (1, self.n_kv, capacity, self.head_dim)
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        # The rotary table for every slot, computed once by the model's own rotary module.
+        positions = torch.arange(capacity, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        cos, sin = rotary(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]
+        self.slots = torch.arange(capacity, device=self.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
+                cache_slots: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None):
+        """input_ids [1, T] at ``positions`` [T] -> (logits [1, T, V], features [1, T, n_f*H]).
+
+        ``kv_len`` (eager only) limits attention to the first kv_len slots; None (graph mode)
+        attends over the whole buffer with a positional mask. For tree verification, tokens
+        may share positions: ``cache_slots`` [T] (contiguous, ascending) says where their keys
+        go, and ``tree_mask`` [T, T] (bool, True = may attend) which new tokens see each other;
+        every slot before ``cache_slots[0]`` is committed context and visible to all.
+        """
+        kv_len = self.capacity if kv_len is None else kv_len
+        h = self.embed(input_ids)
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+        if cache_slots is None:
+            cache_slots = positions
+            mask = (self.slots[:kv_len][None, :] <= positions[:, None])[None, None]
+        else:
+            keys = self.slots[:kv_len]
+            mask = (keys[None, :] < cache_slots[0]).expand(len(cache_slots), -1).clone()
+            rel = keys - cache_slots[0]
+            inside = (rel >= 0) & (rel < len(cache_slots))
+            mask[:, inside] = tree_mask[:, rel[inside]]
+            mask = mask[None, None]
+        captured = {}
+        t = input_ids.shape[1]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, t, self.n_heads, self.head_dim)
+            k = attn.k_proj(x).view(1, t, self.n_kv, self.head_dim)
+            v = attn.v_proj(x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)
+            if getattr(attn, "q_norm", None) is not None:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
+            self.k_cache[i].index_copy_(2, cache_slots, k)
+            self.v_cache[i].index_copy_(2, cache_slots, v)
+            out = F.scaled_dot_product_attention(
+                q, self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len],
+                attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+            h = h + attn.o_proj(out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if i in self._wanted:
+                captured[i] = h
+        logits = self.lm_head(self.norm(h))
+        return logits, torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy cached keys/values from slots ``src`` to ``dst`` (committing a tree path)."""
+        for k, v in zip(self.k_cache, self.v_cache):
+            k.index_copy_(2, dst, k.index_select(2, src))
+            v.index_copy_(2, dst, v.index_select(2, src))
+
+
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class HFTargetEngine:
+    """Reference path: the model's own eager forward with a DynamicCache, cropped on rollback."""
+
+    name = "hf"
+
+    def __init__(self, model, feature_layer_ids: list[int], capacity: int):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.feature_layer_ids = list(feature_layer_ids)
+        self.cache = DynamicCache()
+        weight = model.get_input_embeddings().weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.capacity = capacity
+
+    def reset(self):
+        from transformers import DynamicCache
+        self.cache = DynamicCache()
+
+    def _crop(self, length: int):
+        layers = getattr(self.cache, "layers", None)
+        if layers is not None:
+            for layer in layers:
+                if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                    layer.keys = layer.keys[:, :, :length]
+                    layer.values = layer.values[:, :, :length]
+        else:  # older cache layout
+            self.cache.crop(length)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None):
+        start = int(positions[0])
+        if start == 0:
+            self.reset()
+        else:
+            self._crop(start)
+        out = self.model(input_ids=input_ids, position_ids=positions[None],
+                         past_key_values=self.cache, use_cache=True, output_hidden_states=True)
+        self.cache = out.past_key_values
+        feats = torch.cat([out.hidden_states[l + 1] for l in self.feature_layer_ids], dim=-1)
+        return out.logits, feats
+
+
+class DraftEngine:
+    """Draft forward over a static cache of projected context keys/values."""
+
+    def __init__(self, draft: DFlashDraftModel, embed, lm_head, capacity: int):
+        self.draft, self.embed, self.lm_head = draft, embed, lm_head
+        cfg = draft.config
+        self.device, self.dtype = draft.device, draft.dtype
+        self.capacity = capacity
+        shape = (1, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in draft.layers]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in draft.layers]
+        positions = torch.arange(capacity, device=self.device)
+        self.cos, self.sin = rope_cos_sin(draft.inv_freq, positions, self.dtype)
+        self.slots = positions
+
+    def append_context(self, features: torch.Tensor, positions: torch.Tensor) -> None:
+        """Project target features [1, n, n_f*H] at ``positions`` [n] into every layer's cache."""
+        ctx = self.draft.project_context(features.to(self.dtype))
+        cos, sin = self.cos[positions], self.sin[positions]
+        for i, layer in enumerate(self.draft.layers):
+            k, v = layer.self_attn.project_kv(ctx, cos, sin)
+            self.k_cache[i].index_copy_(2, positions, k)
+            self.v_cache[i].index_copy_(2, positions, v)
+
+    def propose_logits(self, block_ids: torch.Tensor, positions: torch.Tensor,
+                       kv_len: int | None = None) -> torch.Tensor:
+        """Block ``[last, MASK...]`` [1, b] at ``positions`` [b] -> logits for slots 1..b-1."""
+        h = self.embed(block_ids).to(self.dtype)
+        cos, sin = self.cos[positions], self.sin[positions]
+        if kv_len is None:  # graph mode: whole buffer, positional mask (all queries alike)
+            kv_len = self.capacity
+            mask = (self.slots <= positions[-1])[None, None, None]
+        else:
+            mask = None
+        for i, layer in enumerate(self.draft.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.project_q(x, cos, sin)
+            k, v = attn.project_kv(x, cos, sin)
+            self.k_cache[i].index_copy_(2, positions, k)
+            self.v_cache[i].index_copy_(2, positions, v)
+            h = h + attn.attend(q, self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len], mask)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.draft.norm(h[:, 1:])
+        return self.lm_head(h.to(self.lm_head.weight.dtype))
