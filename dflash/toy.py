@@ -55,3 +55,42 @@ def make_random_draft(target, block_size: int = 16, num_layers: int = 2,
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
     return draft.to(dtype).eval()
+
+
+def make_toy_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on the built-in prompts, with eos and mask tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .builtin_prompts import BUILTIN_SETS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, special_tokens=["<|eos|>", "<|mask|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([t for texts in BUILTIN_SETS.values() for t in texts], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|eos|>")
+    fast.chat_template = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    return fast
+
+
+def save_toy_pair(folder, block_size: int = 8, seed: int = 0, hidden_size: int = 64,
+                  num_layers: int = 4):
+    """Write a random target (+ tokenizer) and draft under ``folder``/target and ``folder``/draft."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    tok = make_toy_tokenizer()
+    vocab = len(tok)
+    target = make_random_target(vocab_size=vocab, hidden_size=hidden_size, num_layers=num_layers,
+                                seed=seed)
+    target.config.eos_token_id = tok.eos_token_id
+    target.generation_config.eos_token_id = tok.eos_token_id
+    mask_id = tok.convert_tokens_to_ids("<|mask|>")
+    draft = make_random_draft(target, block_size=block_size, mask_token_id=mask_id, seed=seed + 1)
+    target.save_pretrained(folder / "target")
+    tok.save_pretrained(folder / "target")
+    draft.save_pretrained(folder / "draft")
+    return folder / "target", folder / "draft"

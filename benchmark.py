@@ -1,0 +1,7 @@
+#!/usr/bin/env python3
+"""Benchmark DFlash speculative decoding vs autoregressive decoding (see --help)."""
+from dflash.benchmark_cli import main
+from dflash.errors import run_cli
+
+if __name__ == "__main__":
+    run_cli(main)
