@@ -1,0 +1,463 @@
+"""Inference-time block-size schedulers for DFlash speculative decoding.
+
+Both schedulers implement the decoder's ``BlockPolicy`` protocol::
+
+    b = policy.select(cycle_idx)                 # before each cycle
+    policy.update(tau, cycle_s, b, cycle_idx)    # after it
+
+and expose ``max_block_size`` (the largest candidate) so the decoder can size its buffers.
+
+``EWMAScheduler`` is the scheduler of the spec (QUICK_EXPERIMENTS.md section 4): per candidate an
+EWMA of tau and of the cycle time, score ``tau_hat / cycle_hat``, round-robin warm-up,
+hysteresis (margin + streak), cooldown, periodic probes and a low-acceptance fallback.
+
+``CostModelScheduler`` is an alternative that needs almost no probing. A greedy cycle with block
+``B`` accepts a run of ``r`` draft tokens; the same run tells what a block ``b <= B`` would have
+yielded (``tau_b = min(r + 1, b)``) and, when the run ended inside the block, what any larger
+block would have yielded too. The scheduler keeps decayed per-position acceptance counts
+(a discrete survival model), derives ``E[tau(b)]`` for every candidate from them, measures the
+cycle cost ``c(b)`` of each candidate a few times, and runs ``argmax_b E[tau(b)] / c(b)``.
+
+Pure Python: no torch import, so the schedulers can be unit-tested on synthetic traces.
+One instance follows one generation; call ``reset()`` between prompts (``CostModelScheduler``
+can keep its cost measurements across prompts: ``reset(keep_costs=True)``).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from statistics import median
+from typing import Iterable, Sequence
+
+from .errors import UserError
+
+DEFAULT_CANDIDATES = (8, 12, 16)
+POLICIES = ("ewma", "costmodel")
+
+
+# --------------------------------------------------------------------------- validation
+
+def parse_candidates(value: str | Iterable[int]) -> list[int]:
+    """``"8,12,16"`` or an iterable of ints -> sorted unique block sizes, each >= 2."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            sizes = [int(p) for p in parts]
+        except ValueError:
+            raise UserError(f"candidate block sizes must be integers, got '{value}'",
+                            "use a comma-separated list such as 8,12,16") from None
+    else:
+        sizes = [int(v) for v in value]
+    if not sizes:
+        raise UserError("candidate block sizes are empty", "give at least one, e.g. 8,12,16")
+    bad = [b for b in sizes if b < 2]
+    if bad:
+        raise UserError(f"candidate block sizes must be >= 2, got {bad[0]}",
+                        "block size 1 is plain decoding, the baseline")
+    return sorted(set(sizes))
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_real(name: str, value, lo: float, hi: float, lo_open: bool = False,
+                hi_open: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+    if math.isnan(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise UserError(f"{name} must be in {left}{lo:g}, {hi:g}{right}, got {value!r}")
+    return v
+
+
+class _Bookkeeping:
+    """Counters shared by both schedulers (what the benchmark reports)."""
+
+    candidates: list[int]
+
+    def _reset_counters(self) -> None:
+        self.cycles = 0
+        self.block_counts: Counter[int] = Counter()  # cycles per block size actually run
+        self.switches = 0       # score-driven changes of the current block size
+        self.probes = 0         # one-cycle excursions to another candidate
+        self.fallbacks = 0      # low-acceptance step-downs (EWMA only)
+        self.trace: list[tuple[int, str]] = []  # (block size chosen, reason) per select()
+
+    def usage(self) -> dict[int, float]:
+        """Fraction of cycles run at each block size."""
+        total = sum(self.block_counts.values())
+        return {b: n / total for b, n in sorted(self.block_counts.items())} if total else {}
+
+    def summary(self) -> dict:
+        return {
+            "policy": self.name,
+            "cycles": self.cycles,
+            "block_counts": {str(b): n for b, n in sorted(self.block_counts.items())},
+            "switches": self.switches,
+            "probes": self.probes,
+            "fallbacks": self.fallbacks,
+            "final_block_size": self.current,
+        }
+
+
+# --------------------------------------------------------------------------- EWMA scheduler
+
+class EWMAScheduler(_Bookkeeping):
+    """Throughput-greedy scheduler over EWMA estimates (the spec's scheduler).
+
+    Warm-up: candidates are run round-robin (ascending) until each has ``warmup_cycles``
+    measurements; then the best-scoring one becomes current. After warm-up, every
+    ``probe_interval``-th cycle is a probe: one cycle at the least recently measured other
+    candidate, then back to current. After each measurement the best candidate by
+    ``tau_hat / cycle_hat`` challenges the current one; it takes over once it has beaten the
+    current score by more than ``switch_margin`` (relative) on ``required_streak`` consecutive
+    updates. Low-acceptance fallback: ``low_accept_streak`` consecutive cycles at the current
+    size with ``tau / block_size < low_accept_threshold`` step down to the next smaller candidate.
+    No switch of either kind happens during the ``cooldown_cycles`` cycles after a switch.
+    Cycles whose block size is not a candidate (e.g. a shortened tail block) only count in
+    ``block_counts``; they do not touch the estimates.
+    """
+
+    name = "ewma"
+
+    def __init__(self, candidates: Sequence[int] | str = DEFAULT_CANDIDATES, warmup_cycles: int = 2,
+                 ewma_alpha: float = 0.10, switch_margin: float = 0.05, required_streak: int = 2,
+                 cooldown_cycles: int = 2, probe_interval: int = 12,
+                 low_accept_threshold: float = 0.35, low_accept_streak: int = 2):
+        self.candidates = parse_candidates(candidates)
+        self.warmup_cycles = _check_int("warmup_cycles", warmup_cycles, 1)
+        self.alpha = _check_real("ewma_alpha", ewma_alpha, 0.0, 1.0, lo_open=True)
+        self.switch_margin = _check_real("switch_margin", switch_margin, 0.0, math.inf)
+        self.required_streak = _check_int("required_streak", required_streak, 1)
+        self.cooldown_cycles = _check_int("cooldown_cycles", cooldown_cycles, 0)
+        self.probe_interval = _check_int("probe_interval", probe_interval, 0)  # 0: no probes
+        self.low_accept_threshold = _check_real("low_accept_threshold", low_accept_threshold,
+                                                0.0, 1.0)
+        self.low_accept_streak = _check_int("low_accept_streak", low_accept_streak, 1)
+        self.max_block_size = self.candidates[-1]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: start a new generation."""
+        self.tau_hat: dict[int, float | None] = {b: None for b in self.candidates}
+        self.cycle_hat: dict[int, float | None] = {b: None for b in self.candidates}
+        self.n_obs = {b: 0 for b in self.candidates}
+        self._last_seen = {b: -1 for b in self.candidates}  # update counter of last measurement
+        self.current: int | None = None
+        self._rr = 0                 # round-robin pointer for warm-up
+        self._post_warmup = 0        # decisions made after warm-up (drives probes)
+        self._challenger: int | None = None
+        self._streak = 0
+        self._cooldown = 0
+        self._low_streak = 0
+        self._reset_counters()
+
+    # -- estimates
+    @property
+    def warming_up(self) -> bool:
+        return any(n < self.warmup_cycles for n in self.n_obs.values())
+
+    def score(self, b: int) -> float:
+        t, c = self.tau_hat[b], self.cycle_hat[b]
+        if t is None or c is None:
+            return 0.0
+        return t / max(c, 1e-12)
+
+    def best(self) -> int:
+        # ties go to the larger block (more tokens per cycle for the same throughput estimate)
+        return max(self.candidates, key=lambda b: (self.score(b), b))
+
+    def _ensure_current(self) -> None:
+        if self.current is None and not self.warming_up:
+            self.current = self.best()
+
+    # -- protocol
+    def select(self, cycle_idx: int) -> int:
+        if self.warming_up:
+            n = len(self.candidates)
+            for k in range(n):
+                b = self.candidates[(self._rr + k) % n]
+                if self.n_obs[b] < self.warmup_cycles:
+                    self._rr = (self._rr + k + 1) % n
+                    self.trace.append((b, "warmup"))
+                    return b
+        self._ensure_current()
+        self._post_warmup += 1
+        others = [b for b in self.candidates if b != self.current]
+        if (self.probe_interval and others
+                and self._post_warmup % self.probe_interval == 0):
+            b = min(others, key=lambda c: (self._last_seen[c], c))
+            self.probes += 1
+            self.trace.append((b, "probe"))
+            return b
+        self.trace.append((self.current, "current"))
+        return self.current
+
+    def update(self, tau: int, cycle_s: float, block_size: int, cycle_idx: int) -> None:
+        self.cycles += 1
+        self.block_counts[block_size] += 1
+        if block_size not in self.tau_hat:
+            return  # tail / foreign block size: no estimate update
+        a = self.alpha
+        prev_t, prev_c = self.tau_hat[block_size], self.cycle_hat[block_size]
+        self.tau_hat[block_size] = float(tau) if prev_t is None else (1 - a) * prev_t + a * tau
+        self.cycle_hat[block_size] = (float(cycle_s) if prev_c is None
+                                      else (1 - a) * prev_c + a * cycle_s)
+        self.n_obs[block_size] += 1
+        self._last_seen[block_size] = self.cycles
+        if self.warming_up:
+            return
+        self._ensure_current()
+
+        in_cooldown = self._cooldown > 0
+        if in_cooldown:
+            self._cooldown -= 1
+
+        # low-acceptance fallback, judged on cycles at the current size only
+        if block_size == self.current:
+            if tau / block_size < self.low_accept_threshold:
+                self._low_streak += 1
+            else:
+                self._low_streak = 0
+        smaller = [b for b in self.candidates if b < self.current]
+        if not in_cooldown and smaller and self._low_streak >= self.low_accept_streak:
+            self._switch_to(smaller[-1])
+            self.fallbacks += 1
+            return
+        if in_cooldown:
+            self._challenger, self._streak = None, 0
+            return
+
+        # hysteresis
+        best = self.best()
+        if best != self.current and \
+                self.score(best) > self.score(self.current) * (1.0 + self.switch_margin):
+            if best == self._challenger:
+                self._streak += 1
+            else:
+                self._challenger, self._streak = best, 1
+            if self._streak >= self.required_streak:
+                self._switch_to(best)
+                self.switches += 1
+        else:
+            self._challenger, self._streak = None, 0
+
+    def _switch_to(self, b: int) -> None:
+        self.current = b
+        self._cooldown = self.cooldown_cycles
+        self._challenger, self._streak = None, 0
+        self._low_streak = 0
+
+
+# --------------------------------------------------------------------------- cost-model scheduler
+
+class CostModelScheduler(_Bookkeeping):
+    """Picks ``argmax_b E[tau(b)] / c(b)`` from a per-position acceptance model.
+
+    Acceptance model: for each draft position ``k`` (1-based) decayed counts of cycles that
+    reached it (``at_risk``) and that accepted it (``accepted``); a cycle with block ``B`` and
+    ``acc = tau - 1`` accepted drafts is at risk at positions ``1..min(acc + 1, B - 1)`` and
+    accepted ``1..acc``. ``p_k = (accepted_k + w * p0) / (at_risk_k + w)`` with ``p0`` the pooled
+    rate, and ``E[tau(b)] = 1 + sum_{j<b} prod_{k<=j} p_k`` — so every cycle informs every
+    candidate's estimate (smaller ones exactly, larger ones whenever the run ended inside the
+    block). This assumes a block of ``b`` drafts the same first tokens as a larger one, which
+    the published sweeps support for ``b`` up to the draft's training block size (a geometric
+    fit of tau(16) = 7.67 predicts tau(8) = 5.5 and tau(12) = 6.8; measured 5.46 and 6.80) but
+    not beyond it (tau(20) = 6.4 < tau(16)): keep candidates <= the draft's block size.
+
+    Cost model: the median of the last ``cost_window`` cycle times of each candidate, measured
+    ``cost_warmup`` times per candidate at the start (round-robin, largest first).
+
+    Probes, only where they can change the decision: every ``cost_refresh_interval`` cycles
+    the least recently measured candidate whose score is within ``probe_band`` (relative) of
+    the current one gets one cycle to refresh its cost (any candidate unmeasured for
+    ``4 * cost_refresh_interval`` cycles qualifies regardless); while the current size is below
+    the largest, the largest gets one cycle every ``probe_interval`` cycles if it is within
+    the band, so positions past the current block keep real data. 0 disables either probe.
+    A switch needs the winner to beat the current size by ``switch_margin`` on
+    ``required_streak`` consecutive updates.
+    """
+
+    name = "costmodel"
+
+    def __init__(self, candidates: Sequence[int] | str = DEFAULT_CANDIDATES, cost_warmup: int = 2,
+                 cost_window: int = 9, accept_decay: float = 0.90, prior_weight: float = 2.0,
+                 switch_margin: float = 0.02, required_streak: int = 1, probe_interval: int = 16,
+                 cost_refresh_interval: int = 64, probe_band: float = 0.15):
+        self.candidates = parse_candidates(candidates)
+        self.cost_warmup = _check_int("cost_warmup", cost_warmup, 1)
+        self.cost_window = _check_int("cost_window", cost_window, 1)
+        self.accept_decay = _check_real("accept_decay", accept_decay, 0.0, 1.0, lo_open=True)
+        self.prior_weight = _check_real("prior_weight", prior_weight, 0.0, math.inf, lo_open=True)
+        self.switch_margin = _check_real("switch_margin", switch_margin, 0.0, math.inf)
+        self.required_streak = _check_int("required_streak", required_streak, 1)
+        self.probe_interval = _check_int("probe_interval", probe_interval, 0)
+        self.cost_refresh_interval = _check_int("cost_refresh_interval", cost_refresh_interval, 0)
+        self.probe_band = _check_real("probe_band", probe_band, 0.0, 1.0)
+        self.max_block_size = self.candidates[-1]
+        self._costs: dict[int, deque] = {b: deque(maxlen=self.cost_window)
+                                         for b in self.candidates}
+        self.reset()
+
+    def reset(self, keep_costs: bool = False) -> None:
+        """Start a new generation; ``keep_costs`` keeps the cycle-cost measurements (a property
+        of the hardware, not of the prompt) so the next prompt skips the warm-up."""
+        n = self.max_block_size
+        self._at_risk = [0.0] * n   # index k = draft position k (1..n-1); index 0 unused
+        self._accepted = [0.0] * n
+        self._cost_seen = {}
+        for b in self.candidates:
+            if not keep_costs:
+                self._costs[b].clear()
+            self._cost_seen[b] = 0  # cycle (of this generation) of the last cost measurement
+        self.current: int | None = None
+        self._rr = 0
+        self._challenger: int | None = None
+        self._streak = 0
+        self._since_probe = 0
+        self._since_refresh = 0
+        self._reset_counters()
+
+    # -- estimates
+    @property
+    def warming_up(self) -> bool:
+        return any(len(self._costs[b]) < self.cost_warmup for b in self.candidates)
+
+    def cost(self, b: int) -> float | None:
+        q = self._costs[b]
+        return median(q) if q else None
+
+    def acceptance_rates(self) -> list[float]:
+        """Estimated conditional acceptance rate of draft positions 1..max_block_size-1."""
+        pooled = (sum(self._accepted) + 0.5) / (sum(self._at_risk) + 1.0)
+        w = self.prior_weight
+        return [(self._accepted[k] + w * pooled) / (self._at_risk[k] + w)
+                for k in range(1, self.max_block_size)]
+
+    def expected_tau(self, b: int, rates: list[float] | None = None) -> float:
+        """``E[tau(b)]`` under the acceptance model."""
+        rates = self.acceptance_rates() if rates is None else rates
+        expected, survive = 1.0, 1.0
+        for k in range(1, b):
+            survive *= rates[k - 1]
+            expected += survive
+        return expected
+
+    def scores(self) -> dict[int, float]:
+        """Estimated tokens per second of each candidate (0 where its cost is unknown)."""
+        rates = self.acceptance_rates()
+        out = {}
+        for b in self.candidates:
+            c = self.cost(b)
+            out[b] = 0.0 if c is None else self.expected_tau(b, rates) / max(c, 1e-12)
+        return out
+
+    def best(self, scores: dict[int, float] | None = None) -> int:
+        if not any(self._at_risk):
+            return self.max_block_size  # no acceptance data yet: the draft's natural size
+        scores = self.scores() if scores is None else scores
+        return max(self.candidates, key=lambda b: (scores[b], b))
+
+    # -- protocol
+    def select(self, cycle_idx: int) -> int:
+        if self.warming_up:
+            order = self.candidates[::-1]  # largest first: it informs every position
+            n = len(order)
+            for k in range(n):
+                b = order[(self._rr + k) % n]
+                if len(self._costs[b]) < self.cost_warmup:
+                    self._rr = (self._rr + k + 1) % n
+                    self.trace.append((b, "warmup"))
+                    return b
+        if self.current is None:
+            self.current = self.best()
+        self._since_probe += 1
+        self._since_refresh += 1
+        b = self._probe_choice()
+        if b is not None:
+            self.probes += 1
+            return b
+        self.trace.append((self.current, "current"))
+        return self.current
+
+    def _probe_choice(self) -> int | None:
+        others = [b for b in self.candidates if b != self.current]
+        if not others:
+            return None
+        scores = None
+        if self.cost_refresh_interval and self._since_refresh >= self.cost_refresh_interval:
+            self._since_refresh = 0
+            scores = self.scores()
+            floor = scores[self.current] * (1.0 - self.probe_band)
+            stale = 4 * self.cost_refresh_interval
+            eligible = [b for b in others
+                        if scores[b] >= floor or self.cycles - self._cost_seen[b] >= stale]
+            if eligible:
+                b = min(eligible, key=lambda c: (self._cost_seen[c], -c))
+                self.trace.append((b, "cost-probe"))
+                return b
+        top = self.max_block_size
+        if self.probe_interval and self.current != top and self._since_probe >= self.probe_interval:
+            self._since_probe = 0
+            scores = self.scores() if scores is None else scores
+            if scores[top] >= scores[self.current] * (1.0 - self.probe_band):
+                self.trace.append((top, "probe"))
+                return top
+        return None
+
+    def update(self, tau: int, cycle_s: float, block_size: int, cycle_idx: int) -> None:
+        self.cycles += 1
+        self.block_counts[block_size] += 1
+        if block_size not in self._costs:
+            return  # tail / foreign block size: no estimate update
+        b = block_size
+        tau = min(max(int(tau), 1), b)
+        d = self.accept_decay
+        if d < 1.0:
+            self._at_risk = [x * d for x in self._at_risk]
+            self._accepted = [x * d for x in self._accepted]
+        acc = tau - 1
+        for k in range(1, acc + 1):
+            self._at_risk[k] += 1.0
+            self._accepted[k] += 1.0
+        if acc + 1 <= b - 1:
+            self._at_risk[acc + 1] += 1.0
+        if cycle_s > 0 and math.isfinite(cycle_s):
+            self._costs[b].append(float(cycle_s))
+            self._cost_seen[b] = self.cycles
+        if self.warming_up:
+            return
+        scores = self.scores()
+        if self.current is None:
+            self.current = self.best(scores)
+            return
+        best = self.best(scores)
+        if best != self.current and scores[best] > scores[self.current] * (1.0 + self.switch_margin):
+            if best == self._challenger:
+                self._streak += 1
+            else:
+                self._challenger, self._streak = best, 1
+            if self._streak >= self.required_streak:
+                self.current = best
+                self.switches += 1
+                self._challenger, self._streak = None, 0
+                self._since_probe = 0
+        else:
+            self._challenger, self._streak = None, 0
+
+
+def make_scheduler(policy: str, candidates: Sequence[int] | str = DEFAULT_CANDIDATES, **kwargs):
+    """Build a scheduler by name; ``kwargs`` not used by that policy are ignored."""
+    import inspect
+
+    if policy not in POLICIES:
+        raise UserError(f"unknown policy '{policy}'", f"choose one of {', '.join(POLICIES)}")
+    cls = EWMAScheduler if policy == "ewma" else CostModelScheduler
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return cls(candidates, **{k: v for k, v in kwargs.items() if k in accepted})
