@@ -193,6 +193,9 @@ def load_pair(model_name: str, draft_name: str | None, device: torch.device, dty
         raise UserError(f"cannot load the target from '{model_name}': {str(err).splitlines()[0]}",
                         "check the path; models with custom code need --trust-remote-code") from err
     target = target.to(device).eval()
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ \
+            and sum(p.numel() for p in target.parameters()) < 100_000_000:
+        torch.set_num_threads(1)  # small models are overhead-bound: threads only add sync cost
     draft = None
     if draft_name:
         if draft_name in ("embedded", "embedded-draft") and not (EMBEDDED_DRAFT / "config.json").exists():

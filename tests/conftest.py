@@ -1,0 +1,29 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+EMBEDDED = (REPO / "models" / "tiny-target" / "config.json").exists() and \
+    (REPO / "models" / "tiny-draft" / "config.json").exists()
+
+torch.set_num_threads(1)  # tiny models: extra threads only add sync cost
+
+
+@pytest.fixture(scope="session")
+def toy_pair(tmp_path_factory):
+    """(target_dir, draft_dir) of a random tiny pair with a tokenizer, block size 8."""
+    from dflash.toy import save_toy_pair
+
+    return save_toy_pair(tmp_path_factory.mktemp("toy"), block_size=8)
+
+
+def run_script(args, timeout=300, env=None, cwd=REPO):
+    """Run a repo script with this interpreter; returns CompletedProcess (text)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env.pop("DFLASH_VERBOSE", None)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)

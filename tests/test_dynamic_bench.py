@@ -1,0 +1,146 @@
+"""benchmark_dynamic_schedule.py end to end on a tiny pair (CPU), plus its flag handling."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dflash import dynamic_bench
+from dflash.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+EMBEDDED = (REPO / "models" / "tiny-target" / "config.json").exists() and \
+    (REPO / "models" / "tiny-draft" / "config.json").exists()
+
+# The spec's section-4 command, every flag with the spec's value; models and dataset are
+# swapped for ones that exist offline, and sizes are cut down.
+SPEC_FLAGS = ["--candidate-block-sizes", "8,12,16", "--warmup-cycles", "2", "--ewma-alpha", "0.10",
+              "--switch-margin", "0.05", "--required-streak", "2", "--cooldown-cycles", "2",
+              "--probe-interval", "12", "--low-accept-threshold", "0.35",
+              "--low-accept-streak", "2"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    if EMBEDDED:
+        return "embedded", "embedded"
+    from dflash.toy import save_toy_pair
+
+    target, draft = save_toy_pair(tmp_path_factory.mktemp("dyn_toy"), block_size=8)
+    return str(target), str(draft)
+
+
+def _models(pair):
+    return ["--model-name-or-path", pair[0], "--draft-name-or-path", pair[1], "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_spec_command_runs_with_compare_static(pair, tmp_path):
+    jsonl = tmp_path / "dynamic.jsonl"
+    cmd = [sys.executable, "benchmark_dynamic_schedule.py", "--dataset", "builtin-math",
+           "--max-samples", "2", *_models(pair), "--max-new-tokens", "12", *SPEC_FLAGS,
+           "--save-outputs-path", str(jsonl), "--compare-static"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for text in ("baseline (b=1)", "fixed b=8", "fixed b=12", "fixed b=16", "dynamic (ewma)",
+                 "block usage (% of cycles)", "switch rate", "dynamic / best fixed"):
+        assert text in out, text
+
+    summary = json.loads(jsonl.with_suffix(".summary.json").read_text())
+    assert summary["complete"] and summary["samples_done"] == 2
+    assert summary["config"]["scheduler"] == {
+        "warmup_cycles": 2, "ewma_alpha": 0.10, "switch_margin": 0.05, "required_streak": 2,
+        "cooldown_cycles": 2, "probe_interval": 12, "low_accept_threshold": 0.35,
+        "low_accept_streak": 2}
+    dyn = summary["dynamic"]
+    assert set(dyn["block_usage"]) == {"8", "12", "16"}
+    assert abs(sum(dyn["block_usage"].values()) - 1.0) < 1e-9
+    assert 0.0 <= dyn["switch_rate"] <= 1.0
+    assert set(summary["static"]) == {"8", "12", "16"}
+    assert summary["best_fixed_block_size"] in (8, 12, 16)
+    assert summary["dynamic_vs_best_fixed"] > 0 and summary["speedup"] > 0
+    assert summary["greedy_match_rate"] == 1.0   # lossless: dynamic greedy == baseline
+
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert lines[0]["type"] == "header" and len(lines) == 3
+    for rec in lines[1:]:
+        (trace,) = rec["trace"]
+        n = rec["dynamic"]["cycles"]
+        assert len(trace["block_size"]) == len(trace["tau"]) == len(trace["cycle_ms"]) == n
+        assert len(trace["reason"]) == n and trace["reason"][0] == "warmup"
+        assert set(trace["block_size"]) <= {8, 12, 16}
+        assert all(1 <= t <= b for t, b in zip(trace["tau"], trace["block_size"]))
+        assert trace["scheduler"]["cycles"] == n
+        assert set(rec["static"]) == {"8", "12", "16"}
+
+
+def test_costmodel_policy_and_resume(pair, tmp_path, capsys):
+    jsonl = tmp_path / "cm.jsonl"
+    argv = ["--dataset", "builtin-code", "--max-samples", "2", *_models(pair),
+            "--max-new-tokens", "8", "--candidate-block-sizes", "4,8", "--policy", "costmodel",
+            "--warmup-runs", "0", "--save-outputs-path", str(jsonl)]
+    assert dynamic_bench.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "dynamic (costmodel)" in first
+    n_lines = len(jsonl.read_text().splitlines())
+    assert n_lines == 3
+    summary = json.loads(jsonl.with_suffix(".summary.json").read_text())
+    assert summary["config"]["policy"] == "costmodel"
+    assert summary["config"]["scheduler"]["switch_margin"] == 0.02  # the policy's own default
+    # resuming a finished run adds nothing and reports the same samples
+    assert dynamic_bench.main(argv + ["--resume"]) == 0
+    assert len(jsonl.read_text().splitlines()) == n_lines
+    assert json.loads(jsonl.with_suffix(".summary.json").read_text())["samples_done"] == 2
+    # without --resume an existing file is refused rather than mixed
+    with pytest.raises(UserError, match="already holds results"):
+        dynamic_bench.main(argv)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ewma-alpha", "0"], "--ewma-alpha must be in (0, 1]"),
+    (["--ewma-alpha", "1.5"], "--ewma-alpha"),
+    (["--candidate-block-sizes", "1,8"], "must be >= 2"),
+    (["--candidate-block-sizes", ""], "empty"),
+    (["--candidate-block-sizes", "8,x"], "must be integers"),
+    (["--warmup-cycles", "0"], "--warmup-cycles"),
+    (["--required-streak", "0"], "--required-streak"),
+    (["--cooldown-cycles", "-1"], "--cooldown-cycles"),
+    (["--probe-interval", "-2"], "--probe-interval"),
+    (["--switch-margin", "-0.1"], "--switch-margin"),
+    (["--low-accept-threshold", "2"], "--low-accept-threshold"),
+    (["--low-accept-streak", "0"], "--low-accept-streak"),
+    (["--policy", "costmodel", "--switch-margin", "-1"], "--switch-margin"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--warmup-runs", "-1"], "--warmup-runs"),
+])
+def test_bad_flags_fail_before_loading_models(flags, message):
+    args = dynamic_bench.build_parser().parse_args(["--dataset", "builtin-math", *flags])
+    with pytest.raises(UserError) as err:
+        dynamic_bench.check_args(args)
+    assert message in err.value.one_line()
+
+
+def test_defaults_are_the_specs():
+    args = dynamic_bench.build_parser().parse_args([])
+    assert args.dataset == "aime25" and args.max_new_tokens == 2048
+    assert args.candidate_block_sizes == "8,12,16" and args.policy == "ewma"
+    assert dynamic_bench.scheduler_kwargs(args) == {
+        "warmup_cycles": 2, "ewma_alpha": 0.10, "switch_margin": 0.05, "required_streak": 2,
+        "cooldown_cycles": 2, "probe_interval": 12, "low_accept_threshold": 0.35,
+        "low_accept_streak": 2}
+
+
+def test_cli_error_is_one_line(capsys):
+    from dflash.errors import run_cli
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(dynamic_bench.main, ["--dataset", "nope"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "unknown dataset 'nope'" in err
