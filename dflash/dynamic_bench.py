@@ -1,0 +1,429 @@
+"""benchmark_dynamic_schedule.py: a dynamic block-size scheduler vs the baseline (and fixed sizes).
+
+For each prompt, on the same loaded models and engine: the autoregressive baseline (block
+size 1), the dynamic scheduler (``--policy ewma``, the spec's EWMA scheduler, or
+``--policy costmodel``), and with ``--compare-static`` every candidate as a fixed block size.
+Prints TPOT, tokens/s, speedup, tau, block usage, switch rate and, with --compare-static, the
+fixed-size table with the dynamic / best-fixed ratio. The per-sample JSONL carries the
+dynamic run's per-cycle trace (block size, tau, cycle time, why the scheduler chose it).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import bench
+from .datasets import load_prompts
+from .decoding import SpeculativeDecoder
+from .errors import UserError
+from .metrics import format_histogram, measure, speedup, summarize
+from .runlog import RunLog, atomic_write_json
+from .scheduler import POLICIES, CostModelScheduler, EWMAScheduler, parse_candidates
+
+SCRIPT = "benchmark_dynamic_schedule.py"
+
+# Scheduler flags: (spec default for the EWMA scheduler, CostModelScheduler keyword or None).
+# Flags left unset take the chosen policy's own default.
+SCHED_FLAGS = {
+    "warmup_cycles": 2,
+    "ewma_alpha": 0.10,
+    "switch_margin": 0.05,
+    "required_streak": 2,
+    "cooldown_cycles": 2,
+    "probe_interval": 12,
+    "low_accept_threshold": 0.35,
+    "low_accept_streak": 2,
+}
+COSTMODEL_SHARED = ("switch_margin", "required_streak", "probe_interval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=SCRIPT,
+        description="Benchmark a dynamic DFlash block-size scheduler against autoregressive "
+                    "decoding and, with --compare-static, against every candidate block size.")
+    bench.add_common_args(p, dataset_default="aime25")
+    p.add_argument("--candidate-block-sizes", default="8,12,16",
+                   help="comma-separated block sizes the scheduler chooses from (each >= 2)")
+    p.add_argument("--policy", choices=POLICIES, default="ewma",
+                   help="ewma: the spec's EWMA throughput scheduler; costmodel: E[tau(b)]/cost(b) "
+                        "from a per-position acceptance model (default ewma)")
+    g = p.add_argument_group("EWMA scheduler (defaults: the spec's)")
+    g.add_argument("--warmup-cycles", type=int, default=None,
+                   help="cycles per candidate at the start, round-robin (default 2)")
+    g.add_argument("--ewma-alpha", type=float, default=None, help="EWMA weight in (0, 1] (default 0.10)")
+    g.add_argument("--switch-margin", type=float, default=None,
+                   help="relative score gain needed to switch (default 0.05; costmodel 0.02)")
+    g.add_argument("--required-streak", type=int, default=None,
+                   help="consecutive wins before a switch (default 2; costmodel 1)")
+    g.add_argument("--cooldown-cycles", type=int, default=None,
+                   help="cycles after a switch without switching (default 2)")
+    g.add_argument("--probe-interval", type=int, default=None,
+                   help="a one-cycle probe every N cycles, 0 = never (default 12; costmodel 16)")
+    g.add_argument("--low-accept-threshold", type=float, default=None,
+                   help="tau / block size below this counts as low acceptance (default 0.35)")
+    g.add_argument("--low-accept-streak", type=int, default=None,
+                   help="low-acceptance cycles in a row that step down one size (default 2)")
+    p.add_argument("--compare-static", action="store_true",
+                   help="also run every candidate as a fixed block size on the same samples")
+    p.add_argument("--skip-baseline", action="store_true",
+                   help="do not run the autoregressive baseline")
+    p.add_argument("--warmup-runs", type=int, default=1,
+                   help="untimed warm-up generations per mode before measuring (default 1)")
+    return p
+
+
+def scheduler_kwargs(args) -> dict:
+    """The scheduler settings the run uses: given flags, else the policy's own defaults."""
+    if args.policy == "ewma":
+        return {k: (getattr(args, k) if getattr(args, k) is not None else d)
+                for k, d in SCHED_FLAGS.items()}
+    return {k: getattr(args, k) for k in COSTMODEL_SHARED if getattr(args, k) is not None}
+
+
+def make_policy(args, candidates):
+    kw = scheduler_kwargs(args)
+    return EWMAScheduler(candidates, **kw) if args.policy == "ewma" else \
+        CostModelScheduler(candidates, **kw)
+
+
+def check_args(args) -> list[int]:
+    bench.check_common_args(args)
+    candidates = parse_candidates(args.candidate_block_sizes)
+    if args.warmup_runs < 0:
+        raise UserError(f"--warmup-runs must be >= 0, got {args.warmup_runs}")
+    try:  # validate the scheduler flags before any model loads, naming the flag
+        make_policy(args, candidates)
+    except UserError as err:
+        for key in SCHED_FLAGS:
+            if err.message.startswith(key + " "):
+                err.message = "--" + key.replace("_", "-") + err.message[len(key):]
+        raise
+    if args.policy == "costmodel":
+        ignored = [k for k in SCHED_FLAGS
+                   if k not in COSTMODEL_SHARED and getattr(args, k) is not None]
+        if ignored:
+            print("note: --policy costmodel ignores " + ", ".join(
+                "--" + k.replace("_", "-") for k in ignored), file=sys.stderr)
+    return candidates
+
+
+def run_config(args, pair, candidates) -> dict:
+    sched = make_policy(args, candidates)
+    settings = {k: getattr(sched, a) for k, a in _ATTRS[args.policy].items()}
+    return {"script": SCRIPT, "dataset": args.dataset, "max_samples": args.max_samples,
+            "model": pair.target_name, "draft": pair.draft_name,
+            "draft_block_size": pair.draft.block_size, "candidates": candidates,
+            "policy": args.policy, "scheduler": settings,
+            "compare_static": args.compare_static, "skip_baseline": args.skip_baseline,
+            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "seed": args.seed, "dtype": str(pair.dtype).replace("torch.", ""),
+            "engine": args.engine, "enable_thinking": args.enable_thinking,
+            "chat_template": not args.no_chat_template}
+
+
+_ATTRS = {
+    "ewma": {"warmup_cycles": "warmup_cycles", "ewma_alpha": "alpha",
+             "switch_margin": "switch_margin", "required_streak": "required_streak",
+             "cooldown_cycles": "cooldown_cycles", "probe_interval": "probe_interval",
+             "low_accept_threshold": "low_accept_threshold",
+             "low_accept_streak": "low_accept_streak"},
+    "costmodel": {k: k for k in ("cost_warmup", "cost_window", "accept_decay", "prior_weight",
+                                 "switch_margin", "required_streak", "probe_interval",
+                                 "cost_refresh_interval", "probe_band")},
+}
+
+
+# ----------------------------------------------------------------------------- running
+def _generate_turns(decoder, pair, prompt, args, seed, *, block_size=None, policy=None,
+                    max_block_size=None):
+    """Every turn of a prompt (later turns see earlier replies). A scheduler starts afresh on
+    each turn; the cost model keeps its cycle-cost measurements (a hardware property)."""
+    stops = bench.stop_token_ids(pair)
+    messages, results, texts, traces = [], [], [], []
+    gen = torch.Generator(device=pair.device).manual_seed(seed)
+    for turn in prompt["turns"]:
+        messages.append({"role": "user", "content": turn})
+        ids = bench.encode_chat(pair.tokenizer, messages, enable_thinking=args.enable_thinking,
+                                raw=args.no_chat_template)
+        input_ids = torch.tensor([ids], device=pair.device)
+        if policy is not None:
+            _reset(policy)
+        res = decoder.generate(input_ids, args.max_new_tokens, temperature=args.temperature,
+                               stop_token_ids=stops, block_size=block_size, policy=policy,
+                               generator=gen, max_block_size=max_block_size)
+        results.append(res)
+        if policy is not None:
+            traces.append(_trace(res, policy))
+        reply = pair.tokenizer.decode(res.output_ids, skip_special_tokens=True)
+        texts.append(reply)
+        messages.append({"role": "assistant", "content": reply})
+    return results, texts, traces
+
+
+def _reset(policy) -> None:
+    if isinstance(policy, CostModelScheduler):
+        policy.reset(keep_costs=True)
+    else:
+        policy.reset()
+
+
+def _trace(res, policy) -> dict:
+    """Columnar per-cycle trace of one generation plus the scheduler's counters."""
+    reasons = [why for _, why in policy.trace]
+    return {
+        "block_size": [c.block_size for c in res.cycles],
+        "tau": [c.tau for c in res.cycles],
+        "cycle_ms": [round(1000 * c.cycle_s, 4) for c in res.cycles],
+        "reason": reasons[:len(res.cycles)],
+        "scheduler": policy.summary(),
+    }
+
+
+def block_changes(block_sizes: list[int]) -> int:
+    return sum(1 for a, b in zip(block_sizes, block_sizes[1:]) if a != b)
+
+
+def dynamic_record(results, traces, candidates) -> dict:
+    rec = measure(results, max(candidates))
+    counts: dict[str, int] = {}
+    for t in traces:
+        for b in t["block_size"]:
+            counts[str(b)] = counts.get(str(b), 0) + 1
+    rec["block_counts"] = counts
+    rec["block_changes"] = sum(block_changes(t["block_size"]) for t in traces)
+    for key in ("switches", "probes", "fallbacks"):
+        rec[key] = sum(t["scheduler"][key] for t in traces)
+    return rec
+
+
+def warm_up(decoder, pair, prompt, args, candidates, policy) -> None:
+    if args.warmup_runs == 0:
+        return
+    ids = bench.encode_chat(pair.tokenizer, [{"role": "user", "content": prompt["turns"][0]}],
+                            enable_thinking=args.enable_thinking, raw=args.no_chat_template)
+    input_ids = torch.tensor([ids], device=pair.device)
+    n = min(args.max_new_tokens, 64)
+    sizes = ([] if args.skip_baseline else [1]) + (candidates if args.compare_static else [])
+    for _ in range(args.warmup_runs):
+        for b in sizes:
+            decoder.generate(input_ids, n, temperature=args.temperature, block_size=b,
+                             max_block_size=max(candidates))  # same buffers in every mode
+        _reset(policy)
+        decoder.generate(input_ids, n, temperature=args.temperature, policy=policy)
+    policy.reset()  # warm-up timings (first-call overheads) must not seed the cost model
+
+
+def run_sample(decoder, pair, prompt, args, candidates, policy) -> dict:
+    seed = bench.sample_seed(args.seed, prompt["id"])
+    rec = {"id": prompt["id"], "dataset": args.dataset, "category": prompt["category"]}
+    base = None
+    if not args.skip_baseline:
+        base, _, _ = _generate_turns(decoder, pair, prompt, args, seed, block_size=1,
+                                     max_block_size=max(candidates))
+        rec["baseline"] = measure(base)
+        rec["prompt_tokens"] = base[0].prompt_len
+    if args.compare_static:
+        rec["static"] = {}
+        for b in candidates:
+            res, _, _ = _generate_turns(decoder, pair, prompt, args, seed, block_size=b,
+                                        max_block_size=max(candidates))
+            rec["static"][str(b)] = measure(res, b)
+    dyn, texts, traces = _generate_turns(decoder, pair, prompt, args, seed, policy=policy)
+    rec["dynamic"] = dynamic_record(dyn, traces, candidates)
+    rec["prompt_tokens"] = dyn[0].prompt_len
+    rec["output_text"] = texts
+    rec["trace"] = traces
+    if base is not None and args.temperature == 0:
+        rec["greedy_match"] = [r.output_ids for r in base] == [r.output_ids for r in dyn]
+    return rec
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    candidates = check_args(args)
+    dist = bench.init_distributed(args.device)
+    device = bench.pick_device(args.device, dist)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model_name, draft_name = bench.default_model_names(args.model_name_or_path,
+                                                       args.draft_name_or_path, device,
+                                                       announce=dist.main)
+    prompts, source = load_prompts(args.dataset, args.max_samples,
+                                   offline_fallback=args.offline_fallback)
+    if dist.main and source != "built-in" and not source.startswith(("cache", "hub")):
+        print(f"Prompts of '{args.dataset}' from {source}.", file=sys.stderr)
+    pair = bench.load_pair(model_name, draft_name, device, args.dtype, args.trust_remote_code)
+    trained = pair.draft.block_size
+    if dist.main and max(candidates) > trained:
+        print(f"note: candidates above the draft's training block size ({trained}) usually "
+              "accept less than it does", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    config = run_config(args, pair, candidates)
+
+    out_jsonl = args.save_outputs_path
+    out_json = args.output_json or (str(Path(out_jsonl).with_suffix(".summary.json")) if out_jsonl
+                                    else f"outputs/dynamic_{args.dataset}_{args.policy}.json")
+    log = None
+    if out_jsonl:
+        log = RunLog(out_jsonl, config, resume=args.resume, write_header=dist.main)
+        if dist.world > 1:
+            import torch.distributed as tdist
+            tdist.barrier()
+    mine = prompts[dist.rank::dist.world]
+    todo = [p for p in mine if not (log and p["id"] in log.done)]
+    records = [log.done[p["id"]] for p in mine if log and p["id"] in log.done]
+
+    decoder = SpeculativeDecoder(pair.target, pair.draft, engine=args.engine)
+    policy = make_policy(args, candidates)
+    if todo or mine:
+        warm_up(decoder, pair, (todo or mine)[0], args, candidates, policy)
+
+    stop = {"signal": None}
+
+    def on_term(signum, _frame):
+        stop["signal"] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    interrupted = False
+    try:
+        for i, prompt in enumerate(todo):
+            try:
+                rec = run_sample(decoder, pair, prompt, args, candidates, policy)
+            except torch.cuda.OutOfMemoryError as err:
+                if not args.continue_on_error:
+                    raise UserError(f"out of memory on sample {prompt['id']}",
+                                    "lower --max-new-tokens, or pass --continue-on-error") from err
+                torch.cuda.empty_cache()
+                rec = {"id": prompt["id"], "dataset": args.dataset, "category": prompt["category"],
+                       "error": f"out of memory: {str(err).splitlines()[0]}"}
+            rec["rank"] = dist.rank
+            if log:
+                log.add(rec)
+            records.append(rec)
+            if dist.main and args.verbose:
+                d = rec.get("dynamic") or {}
+                print(f"[{len(records)}/{len(mine)}] {prompt['id']}: tau {d.get('tau', 0):.2f}, "
+                      f"blocks {d.get('block_counts')}", file=sys.stderr)
+    except KeyboardInterrupt:
+        interrupted = True
+
+    gathered = bench.gather_to_main(records, dist)
+    code = 0
+    if dist.main:
+        every = [r for part in gathered for r in part]
+        order = {p["id"]: i for i, p in enumerate(prompts)}
+        every.sort(key=lambda r: order.get(r["id"], 0))
+        summary = build_summary(args, config, every, candidates, device, source, dist.world,
+                                interrupted, len(prompts))
+        atomic_write_json(out_json, summary)
+        print(format_summary(summary, out_json))
+        if interrupted:
+            code = 143 if stop["signal"] == signal.SIGTERM else 130
+    if not interrupted:
+        bench.barrier_and_close(dist)
+    return code
+
+
+# ----------------------------------------------------------------------------- reporting
+def build_summary(args, config, records, candidates, device, source, world, interrupted,
+                  expected) -> dict:
+    ok = [r for r in records if "error" not in r]
+    base = summarize([r.get("baseline") for r in ok])
+    dyn = summarize([r.get("dynamic") for r in ok])
+    if dyn:
+        counts = {str(b): 0 for b in candidates}
+        for r in ok:
+            for b, n in r["dynamic"]["block_counts"].items():
+                counts[b] = counts.get(b, 0) + n
+        cycles = max(1, dyn["cycles"])
+        dyn["block_usage"] = {b: n / cycles for b, n in counts.items()}
+        dyn["block_changes"] = sum(r["dynamic"]["block_changes"] for r in ok)
+        dyn["switch_rate"] = dyn["block_changes"] / cycles
+        for key in ("switches", "probes", "fallbacks"):
+            dyn[key] = sum(r["dynamic"][key] for r in ok)
+    static = {}
+    if args.compare_static:
+        for b in candidates:
+            s = summarize([r.get("static", {}).get(str(b)) for r in ok])
+            if s:
+                s["speedup"] = speedup(base, s)
+                static[str(b)] = s
+    best_fixed = min(static, key=lambda b: static[b]["tpot"]) if static else None
+    matches = [r["greedy_match"] for r in ok if "greedy_match" in r]
+    return {
+        "config": config,
+        "dataset_source": source,
+        "world_size": world,
+        "complete": not interrupted and len(records) == expected,
+        "samples_done": len(records),
+        "samples_failed": len(records) - len(ok),
+        "baseline": base,
+        "dynamic": dyn,
+        "speedup": speedup(base, dyn),
+        "static": static or None,
+        "best_fixed_block_size": int(best_fixed) if best_fixed else None,
+        "dynamic_vs_best_fixed": (static[best_fixed]["tpot"] / dyn["tpot"])
+        if best_fixed and dyn and dyn["tpot"] > 0 else None,
+        "greedy_match_rate": sum(matches) / len(matches) if matches else None,
+        "environment": bench.environment_info(device),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "per_sample": [{k: v for k, v in r.items() if k not in ("output_text", "trace")}
+                       for r in records],
+    }
+
+
+def format_summary(s: dict, path: str) -> str:
+    cfg, env = s["config"], s["environment"]
+    lines = [
+        "",
+        f"== DFlash dynamic block size ({cfg['policy']}): {cfg['dataset']} ({s['samples_done']} "
+        f"samples, {cfg['max_new_tokens']} max new tokens, T={cfg['temperature']}, candidates "
+        f"{','.join(map(str, cfg['candidates']))}) ==",
+        f"target {cfg['model']} | draft {cfg['draft']} (b{cfg['draft_block_size']}) | "
+        f"{cfg['dtype']} | engine {cfg['engine']}",
+        f"hardware: {env['gpu_name']} | CUDA {env['cuda_version']} | torch {env['torch_version']}",
+        "scheduler: " + ", ".join(f"{k}={v}" for k, v in cfg["scheduler"].items()),
+    ]
+    base, dyn = s.get("baseline"), s.get("dynamic")
+    rows = [("mode", "TPOT ms", "tokens/s", "tau", "speedup")]
+
+    def row(label, m, sp):
+        rows.append((label, f"{1000 * m['tpot']:.2f}", f"{m['tokens_per_sec']:.1f}",
+                     f"{m['tau']:.2f}", f"{sp:.2f}x" if sp else "-"))
+
+    if base:
+        row("baseline (b=1)", base, None)
+    for b, m in (s.get("static") or {}).items():
+        row(f"fixed b={b}", m, m.get("speedup"))
+    if dyn:
+        row(f"dynamic ({cfg['policy']})", dyn, s.get("speedup"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        lines.append("  " + "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])
+                                      for i, c in enumerate(r)))
+    if dyn:
+        usage = ", ".join(f"b={b}: {100 * u:.0f}%" for b, u in dyn["block_usage"].items())
+        lines.append(f"block usage (% of cycles): {usage}")
+        lines.append(f"switch rate: {100 * dyn['switch_rate']:.1f}% of cycles change block size "
+                     f"({dyn['switches']} switches, {dyn['fallbacks']} fallbacks, "
+                     f"{dyn['probes']} probes over {dyn['cycles']} cycles)")
+        lines.append(f"acceptance histogram: {format_histogram(dyn['acceptance_histogram'])}")
+    if s.get("dynamic_vs_best_fixed") is not None:
+        lines.append(f"dynamic / best fixed (b={s['best_fixed_block_size']}): "
+                     f"{s['dynamic_vs_best_fixed']:.3f}x (TPOT ratio; > 1 means dynamic is faster)")
+    if s["greedy_match_rate"] is not None:
+        lines.append(f"greedy outputs identical to baseline: {100 * s['greedy_match_rate']:.0f}% "
+                     "of samples")
+    if s["samples_failed"]:
+        lines.append(f"failed samples: {s['samples_failed']}")
+    if not s["complete"]:
+        lines.append("run incomplete: summary covers the finished samples only (rerun with --resume)")
+    lines.append(f"results: {path}")
+    return "\n".join(lines)
