@@ -51,3 +51,89 @@ def speculative_accept(proposals: torch.Tensor, draft_probs: torch.Tensor,
     rows = torch.cat([residual, target_probs[n:]], dim=0)
     next_tokens = torch.multinomial(rows, 1, generator=generator).squeeze(-1)
     return accepted, next_tokens
+
+
+# --- multi-round speculative sampling (several proposals for one position) -------------------
+
+def residual_chain(target_probs: torch.Tensor, proposal_probs) -> tuple[list[torch.Tensor], list[bool]]:
+    """Residuals ``r_0 = p, r_i = norm(max(0, r_{i-1} - q_i))`` of multi-round sampling.
+
+    Returns ``(residuals, certain)``: ``residuals[i]`` is the distribution that round ``i + 1``
+    tests against (``residuals[k]`` is the final one) and ``certain[i]`` is True when round
+    ``i + 1`` cannot reject (``max(0, r - q)`` has zero mass, so ``r == q``); the chain stops
+    there, as later rounds are never reached. The chain does not depend on the drawn tokens.
+    """
+    r = target_probs.to(torch.promote_types(target_probs.dtype, torch.float32))
+    r = r / r.sum()
+    residuals, certain = [r], []
+    for q in proposal_probs:
+        rest = (r - q.to(r.dtype)).clamp_min(0)
+        mass = rest.sum()
+        if not bool(mass > 0):
+            certain.append(True)
+            break
+        certain.append(False)
+        r = rest / mass
+        residuals.append(r)
+    return residuals, certain
+
+
+def multiround_accept_batch(target_probs: torch.Tensor, proposal_probs, num_draws: int,
+                            generator=None, proposal_tokens: torch.Tensor | None = None):
+    """``num_draws`` independent runs of :func:`multiround_accept`, vectorised.
+
+    Returns ``(tokens [N], rounds [N])`` (int64); ``rounds`` is 1-based, ``k + 1`` for the
+    final residual. ``proposal_tokens`` [k, N] may supply the proposals (each row drawn from
+    the matching ``proposal_probs[i]``, independently of everything else); else they are drawn.
+    """
+    qs = list(proposal_probs)
+    k = len(qs)
+    residuals, certain = residual_chain(target_probs, qs)
+    device = target_probs.device
+    n = int(num_draws)
+    tokens = torch.full((n,), -1, dtype=torch.int64, device=device)
+    rounds = torch.full((n,), k + 1, dtype=torch.int64, device=device)
+    undecided = torch.ones(n, dtype=torch.bool, device=device)
+    for i, q in enumerate(qs):
+        if i >= len(certain):
+            break  # an earlier round was certain to accept: nobody gets here
+        q = q.to(residuals[i].dtype)
+        if proposal_tokens is not None:
+            t = proposal_tokens[i].to(device=device, dtype=torch.int64).reshape(n)
+        else:
+            t = torch.multinomial(q, n, replacement=True, generator=generator)
+        u = torch.rand(n, device=device, generator=generator, dtype=residuals[i].dtype)
+        # accept with probability min(1, r(t)/q(t)), written without a division
+        ok = u * q[t] < residuals[i][t]
+        if certain[i]:
+            ok = torch.ones_like(ok)  # r == q: the rejection branch has probability 0
+        take = undecided & ok
+        tokens = torch.where(take, t, tokens)
+        rounds = torch.where(take, torch.full_like(rounds, i + 1), rounds)
+        undecided = undecided & ~take
+    if len(residuals) == k + 1:  # every round could reject: the final residual is reachable
+        final = torch.multinomial(residuals[k], n, replacement=True, generator=generator)
+        tokens = torch.where(undecided, final, tokens)
+    return tokens, rounds
+
+
+def multiround_accept(target_probs: torch.Tensor, proposal_probs, generator=None,
+                      proposal_tokens=None) -> tuple[int, int]:
+    """Multi-round exact speculative sampling for one position.
+
+    ``target_probs`` [V] is the target distribution ``p``; ``proposal_probs`` a list of [V]
+    proposal distributions ``q_1..q_k``. Round i draws ``t_i ~ q_i`` (or takes
+    ``proposal_tokens[i]``, which must have been drawn from ``q_i`` independently of everything
+    the caller conditions on) and accepts it with probability ``min(1, r(t_i)/q_i(t_i))``,
+    ``r`` starting as ``p``; on rejection ``r <- norm(max(0, r - q_i))``; when every round
+    rejects, the token is drawn from the final ``r``. The token is distributed exactly as ``p``
+    (see docs/MULTIROUND.md). Returns ``(token_id, round_index)``: the 1-based accepting round,
+    or ``len(proposal_probs) + 1`` when the token came from the final residual.
+    """
+    qs = list(proposal_probs)
+    toks = None
+    if proposal_tokens is not None:
+        toks = torch.as_tensor(list(proposal_tokens) if not torch.is_tensor(proposal_tokens)
+                               else proposal_tokens, dtype=torch.int64).reshape(len(qs), 1)
+    tokens, rounds = multiround_accept_batch(target_probs, qs, 1, generator, toks)
+    return int(tokens[0]), int(rounds[0])

@@ -9,6 +9,7 @@ deliberately wrong sampler is shown to fail the same test (p < 1e-6), so the tes
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,7 +207,7 @@ def _marginals(p, context, depth):
 
 def test_tree_walk_is_exact_over_three_tokens():
     """Full synthetic generation through walk_tree: the joint law of the first 3 emitted tokens
-    (27 cells, 4000 draws) matches the target: chi-square p > 1e-3, TV < 0.12 (expected ~0.05).
+    (27 cells, 3000 draws) matches the target: chi-square p > 1e-3, TV < 0.14 (expected ~0.06).
     Proposals resemble the target's multi-step marginals (sharpened for round 1, flattened for
     round 2), so depth > 1 acceptances and switches to branch 2 happen often."""
     p = _synthetic_target()
@@ -215,7 +216,7 @@ def test_tree_walk_is_exact_over_three_tokens():
     counts = torch.zeros(V_SYN ** 3, dtype=torch.long)
     switched = deep = 0
     cache = {}
-    for _ in range(4000):
+    for _ in range(3000):
         ctx = [0]
         emitted = []
         while len(emitted) < 3:
@@ -250,9 +251,9 @@ def test_tree_walk_is_exact_over_three_tokens():
         for b in range(3):
             for c in range(3):
                 exact[a * 9 + b * 3 + c] = p([0])[a] * p([0, a])[b] * p([0, a, b])[c]
-    assert switched > 40 and deep > 400  # the interesting paths were exercised
+    assert switched > 30 and deep > 300  # the interesting paths were exercised
     assert chi2_pvalue(counts, exact) > ALPHA
-    assert tv_distance(counts, exact) < 0.12
+    assert tv_distance(counts, exact) < 0.14
 
 
 def test_build_tree_merges_prefixes_and_masks_ancestors():
@@ -296,13 +297,13 @@ def _exact_first_tokens(target):
 
 @pytest.mark.parametrize("kind", ["faithful", "tree", "single-round"])
 def test_decoders_first_tokens_match_target(pair, kind):
-    """1500 generations at T=1 per decoder. The joint law of the first 2 emitted tokens (36
-    cells; TV < 0.18, expected ~0.06) matches the target's, chi-square p > 1e-3. For the tree and
+    """1200 generations at T=1 per decoder. The joint law of the first 2 emitted tokens (36
+    cells; TV < 0.2, expected ~0.07) matches the target's, chi-square p > 1e-3. For the tree and
     single-round decoders (which emit several tokens per cycle) the marginal of token 3 (6 cells;
-    TV < 0.08, expected ~0.025) is checked too, p > 1e-3. The faithful decoder emits one token
+    TV < 0.09, expected ~0.03) is checked too, p > 1e-3. The faithful decoder emits one token
     per step by the same mechanism, so 2 tokens cover it."""
     target, draft = pair
-    n = 1500
+    n = 1200
     length = 2 if kind == "faithful" else 3
     if kind == "single-round":
         dec = SpeculativeDecoder(target, draft)
@@ -326,10 +327,10 @@ def test_decoders_first_tokens_match_target(pair, kind):
             hist = h if hist is None else hist + h
     joint12, marg3 = _exact_first_tokens(target)
     assert chi2_pvalue(c12, joint12) > ALPHA
-    assert tv_distance(c12, joint12) < 0.18
+    assert tv_distance(c12, joint12) < 0.2
     if length == 3:
         assert chi2_pvalue(c3, marg3) > ALPHA
-        assert tv_distance(c3, marg3) < 0.08
+        assert tv_distance(c3, marg3) < 0.09
     if hist is not None:  # round 1, round 2 and the residual were all exercised
         assert hist[0] > 0 and hist[1] > 0 and hist[2] > 0
 
@@ -386,3 +387,85 @@ def test_tree_commits_the_accepted_path(pair):
     fresh_d = DraftEngine(draft, embed, lm_head, n + 8)
     fresh_d.append_context(feats, torch.arange(n))
     assert torch.allclose(dec._d.k_cache[0][:, :, :n], fresh_d.k_cache[0][:, :, :n], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the CLI
+def _read_jsonl(path):
+    import json
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def test_cli_spec_command_small(toy_pair, tmp_path):
+    """The spec's command at small sizes, as a real subprocess, on a random tiny pair."""
+    import json
+
+    from conftest import run_script
+
+    target, draft = toy_pair
+    out = tmp_path / "multiround.jsonl"
+    proc = run_script(["benchmark_multiround_spec.py", "--dataset", "builtin-math",
+                       "--max-samples", "2", "--model-name-or-path", str(target),
+                       "--draft-name-or-path", str(draft), "--max-new-tokens", "12",
+                       "--temperature", "1.0", "--round-block-sizes", "8,6", "--mode", "both",
+                       "--warmup-runs", "0", "--save-outputs-path", str(out)], timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "per-round acceptance" in proc.stdout and "tokens / target pass" in proc.stdout
+    recs = _read_jsonl(out)
+    assert recs[0]["type"] == "header" and recs[0]["config"]["round_block_sizes"] == [8, 6]
+    samples = recs[1:]
+    assert [r["id"] for r in samples] == ["builtin-math/0", "builtin-math/1"]
+    for r in samples:
+        for m in ("target_only", "single_round", "tree", "faithful"):
+            assert r[m]["tokens"] >= 1 and r[m]["target_passes"] >= 1
+        assert r["target_only"]["tokens_per_target_pass"] == 1.0
+        assert r["faithful"]["tokens_per_target_pass"] == 1.0
+        assert len(r["tree"]["round_attempts"]) == 2
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["complete"] and set(summary["speedup"]) == {"single_round", "tree", "faithful"}
+    tree = summary["methods"]["tree"]
+    assert set(tree["round_histogram"]) == {"round1", "round2", "residual", "bonus"}
+    assert len(tree["round_acceptance_rate"]) == 2
+
+
+def test_cli_resume_and_errors(toy_pair, tmp_path):
+    """In-process: --resume redoes only unfinished samples; bad flags are one-line user errors."""
+    from dflash.errors import UserError
+    from dflash.multiround_cli import main
+
+    target, draft = toy_pair
+    out = tmp_path / "r.jsonl"
+    base = ["--dataset", "builtin-chat", "--max-samples", "2", "--model-name-or-path", str(target),
+            "--draft-name-or-path", str(draft), "--max-new-tokens", "6", "--warmup-runs", "0",
+            "--round-block-sizes", "4,3"]
+    assert main(base + ["--save-outputs-path", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:-1]) + "\n")  # as if killed before sample 2 finished
+    assert main(base + ["--save-outputs-path", str(out), "--resume"]) == 0
+    recs = _read_jsonl(out)
+    assert [r["type"] for r in recs] == ["header", "sample", "sample"]
+    assert [r["id"] for r in recs[1:]] == ["builtin-chat/0", "builtin-chat/1"]
+    assert "tree" in recs[1] and "faithful" not in recs[1]  # default mode: tree
+    with pytest.raises(UserError):  # a different configuration is not mixed into the file
+        main(base + ["--save-outputs-path", str(out), "--resume", "--temperature", "0.5"])
+    for bad in (["--round-block-sizes", "16,x"], ["--round-block-sizes", "1,4"],
+                ["--engine", "hf", "--mode", "tree"], ["--temperature", "-1"],
+                ["--single-block-size", "1"]):
+        with pytest.raises(UserError):
+            main(base + bad)
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / "models" / "tiny-target"
+                         / "config.json").exists(), reason="embedded pair not built yet")
+def test_cli_spec_command_embedded_pair(tmp_path):
+    """The spec's command (its flags, rounds 16,12, T=1) on the embedded pair at small sizes."""
+    from conftest import run_script
+
+    out = tmp_path / "embedded.jsonl"
+    proc = run_script(["benchmark_multiround_spec.py", "--dataset", "builtin-math",
+                       "--max-samples", "1", "--model-name-or-path", "embedded",
+                       "--draft-name-or-path", "embedded", "--max-new-tokens", "24",
+                       "--temperature", "1.0", "--round-block-sizes", "16,12",
+                       "--warmup-runs", "0", "--save-outputs-path", str(out)], timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    recs = _read_jsonl(out)
+    assert len(recs) == 2 and recs[1]["tree"]["tokens"] >= 1

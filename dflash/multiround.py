@@ -1,0 +1,347 @@
+"""Multi-round exact speculative sampling with a DFlash draft: a faithful decoder and a tree one.
+
+Multi-round sampling (``dflash.sampling.multiround_accept``) gives one position several
+proposal distributions ``q_1..q_k``. Round i draws ``t_i ~ q_i`` and accepts it with
+probability ``min(1, r(t_i)/q_i(t_i))``, ``r`` starting as the target distribution ``p``; on
+rejection ``r <- norm(max(0, r - q_i))``; if every round rejects, the token is drawn from the
+final ``r``. Here round i's proposals come from the draft run with block size ``b_i`` (the
+``--round-block-sizes`` list): a DFlash draft predicts the whole block in one non-causal pass,
+so its distribution for a slot depends on the block size (the number of mask tokens it sees).
+
+Exactness of one position (the residual identity). With ``r`` the current residual and ``q``
+a round's proposal: P(round accepts token x) = ``q(x) min(1, r(x)/q(x)) = min(q(x), r(x))``;
+P(round rejects) = ``1 - sum_x min(q, r) = sum_x max(0, r - q) = m``. So
+``P(emit x) = min(q(x), r(x)) + m * r'(x)`` where ``r'`` is what the remaining rounds emit;
+if the remaining rounds emit exactly ``r' = max(0, r - q)/m`` this is
+``min(q, r) + max(0, r - q) = r(x)``. By induction from the last round (which emits its
+residual exactly, since it is sampled), the emitted token is distributed as ``p``. When
+``m = 0`` (``r == q``) rejection has probability 0 and the chain stops there. A proposal with
+mass where ``r`` has none is always rejected there and leaves ``r`` unchanged there.
+
+``faithful`` decoder (``mode="faithful"``): exactly the spec -- one target step per emitted
+token. Each step runs the draft once per round with block ``[last, MASK x (b_i - 1)]`` and
+takes its block-slot-1 distribution at temperature T as ``q_i``; the target's next-token
+distribution is ``p``. It measures the per-round acceptance probabilities; it cannot be fast
+(one target pass per token, plus k draft passes), which is what the research fork observed.
+
+``tree`` decoder (``mode="tree"``): one target pass per cycle, like single-round speculative
+sampling, but over a tree. Round i samples a branch ``y_i = (y_i^1..y_i^{b_i-1})``, each slot
+``y_i^d ~ q_i^d`` (the draft's slot-d distribution at block size ``b_i``), independently.
+Branches are merged into a trie (equal prefixes share nodes) rooted at the last emitted token;
+the target verifies every node in ONE forward pass (tree attention: a node sees the committed
+context plus its own ancestors; a node at depth d sits at position ``start + d``). Then the
+walk, at depth d with accepted prefix ``a_1..a_{d-1}`` (a trie node with target distribution
+``p_d``): the candidate rounds are the *alive* branches -- those whose first ``d-1`` tokens
+equal the accepted prefix and which still have a slot at depth d -- in round order; their
+depth-d tokens go through multi-round acceptance against ``p_d``. If a round accepts, the walk
+moves to that child node (the alive set shrinks to branches carrying the same token); if all
+reject, the residual sample is the cycle's last token; if no branch is alive (all ended) the
+last token is a bonus sample from ``p_d``. Pathwise, the tree walk accepts at least as long a
+prefix as single-round sampling of branch 1 alone (same decisions while branch 1 is alive; more
+chances when it is rejected), so it emits at least as many tokens per target pass.
+
+Why the tree stays exact. The multi-round identity needs, at each depth d, that conditionally
+on everything the walk has looked at so far (the history ``H_d``: earlier cycles, tokens and
+uniforms used at depths < d, which branches are alive), each candidate's token ``y_i^d`` is
+distributed as the ``q_i^d`` used in the test, independently across candidates. The DFlash
+draft is non-autoregressive: all slot distributions of a block come from one pass conditioned
+on the context only, and the slots are sampled independently, so ``y_i^d`` is independent of
+``y_i^1..y_i^{d-1}`` and of every other branch. ``H_d`` is a function of the depth-<d tokens,
+the uniforms and the context only; hence given ``H_d`` (in particular given "branch i shares
+the accepted prefix"), ``y_i^d`` still has law ``q_i^d``, independent of the other candidates.
+The walk at depth d is therefore an ordinary multi-round draw against ``p_d = p(. | context,
+a_<d)`` (the trie node's target distribution, exact because tree attention shows that node
+exactly its prefix), and emits a token with law ``p_d`` given ``H_d``. Chaining the depths and
+cycles, the emitted sequence has the target's law. Two details keep it so: a branch rejected at
+depth d is never alive below d (a rejected token t had ``r(t) < q(t)``, so every later residual
+has ``r(t) = 0`` and t cannot be emitted at that depth), so no token that the walk has already
+looked at is reused; and a branch that shares the prefix only by chance (its token equal to one
+accepted from another round) is fine, because that event involves its depth-<d tokens only.
+(With an autoregressive draft the same holds if ``q_i^d`` is the branch's own conditional, which
+for an alive branch is the conditional given the accepted prefix; DFlash needs no such care.)
+
+After the walk the accepted path's target KV is copied to contiguous slots (``move_slots``) and
+its target features are appended to the draft's context, exactly as a linear cycle would.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .decoding import CycleStat, GenerationResult, _sync
+from .engine import DraftEngine, HFTargetEngine, StaticTargetEngine, decoder_parts
+from .errors import UserError
+from .sampling import multiround_accept, probs_at
+
+MODES = ("faithful", "tree")
+
+
+@dataclass
+class MultiRoundResult(GenerationResult):
+    """A generation plus multi-round statistics.
+
+    ``round_attempts[i]`` / ``round_accepts[i]``: how often round i+1's proposal was tested /
+    accepted. ``residual_draws``: positions where every tested round rejected (token from the
+    final residual). ``bonus_draws``: positions with no proposal left (tree: every alive branch
+    ended), sampled from the target directly. ``target_passes`` counts the prefill too.
+    """
+    round_attempts: list[int] = field(default_factory=list)
+    round_accepts: list[int] = field(default_factory=list)
+    residual_draws: int = 0
+    bonus_draws: int = 0
+    target_passes: int = 0
+    tree_nodes: int = 0  # total tokens verified in tree passes (tree mode)
+
+    @property
+    def round_histogram(self) -> list[int]:
+        """Accepting round counts: rounds 1..k, then residual, then bonus."""
+        return list(self.round_accepts) + [self.residual_draws, self.bonus_draws]
+
+
+def token_dist(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sampling distribution at ``temperature``; one-hot argmax at temperature 0."""
+    if temperature > 0:
+        return probs_at(logits, temperature)
+    out = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    return out.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+
+
+# ------------------------------------------------------------------------------ the tree
+@dataclass
+class Tree:
+    """A trie of branches under a root (node 0). Node n > 0 carries ``tokens[n]``."""
+    tokens: list[int]        # node token (root: the last emitted token)
+    parents: list[int]       # parent node (root: -1)
+    depths: list[int]        # root 0
+    branch_nodes: list[list[int]]  # branch i's node at depth d is branch_nodes[i][d-1]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def attention_mask(self, device=None) -> torch.Tensor:
+        """[T, T] bool: node a may attend to node b iff b is a or an ancestor of a."""
+        n = len(self.tokens)
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        for a in range(n):
+            b = a
+            while b >= 0:
+                mask[a, b] = True
+                b = self.parents[b]
+        return mask.to(device) if device is not None else mask
+
+
+def build_tree(root_token: int, branch_tokens: list[list[int]]) -> Tree:
+    """Merge branches (token lists, one per round) into a trie; branch 0's nodes come first."""
+    tokens, parents, depths = [int(root_token)], [-1], [0]
+    children: list[dict[int, int]] = [{}]
+    branch_nodes = []
+    for toks in branch_tokens:
+        node, path = 0, []
+        for d, tok in enumerate(toks, start=1):
+            tok = int(tok)
+            nxt = children[node].get(tok)
+            if nxt is None:
+                nxt = len(tokens)
+                tokens.append(tok)
+                parents.append(node)
+                depths.append(d)
+                children.append({})
+                children[node][tok] = nxt
+            node = nxt
+            path.append(node)
+        branch_nodes.append(path)
+    return Tree(tokens, parents, depths, branch_nodes)
+
+
+@dataclass
+class WalkResult:
+    tokens: list[int]           # accepted tokens then the last (residual or bonus) token
+    path: list[int]             # accepted nodes (root excluded), len(tokens) - 1 of them
+    attempts: list[int]         # per round: proposals tested
+    accepts: list[int]          # per round: proposals accepted
+    residual: int = 0           # 1 if the last token came from a residual
+    bonus: int = 0              # 1 if the last token came from p with no proposal left
+
+
+def walk_tree(tree: Tree, node_probs: torch.Tensor, branch_probs: list[torch.Tensor],
+              generator=None) -> WalkResult:
+    """Accept a path through ``tree`` by multi-round sampling at each depth (exact; see module).
+
+    ``node_probs`` [T, V]: target distribution of the token after each node (row 0: root).
+    ``branch_probs[i]`` [L_i, V]: the distribution branch i's depth-d token was drawn from is
+    row d-1 (drawn independently of everything else). Branch tokens are read off the tree.
+    """
+    k = len(branch_probs)
+    attempts, accepts = [0] * k, [0] * k
+    node, depth = 0, 1
+    alive = [i for i in range(k) if tree.branch_nodes[i]]
+    out, path = [], []
+    while True:
+        cands = [i for i in alive if len(tree.branch_nodes[i]) >= depth]
+        p = node_probs[node]
+        if not cands:
+            tok = int(torch.multinomial(p, 1, generator=generator))
+            return WalkResult(out + [tok], path, attempts, accepts, bonus=1)
+        toks = [tree.tokens[tree.branch_nodes[i][depth - 1]] for i in cands]
+        qs = [branch_probs[i][depth - 1] for i in cands]
+        tok, j = multiround_accept(p, qs, generator, proposal_tokens=toks)
+        for i in cands[:min(j, len(cands))]:
+            attempts[i] += 1
+        if j > len(cands):
+            return WalkResult(out + [tok], path, attempts, accepts, residual=1)
+        winner = cands[j - 1]
+        accepts[winner] += 1
+        node = tree.branch_nodes[winner][depth - 1]
+        out.append(tok)
+        path.append(node)
+        alive = [i for i in cands if tree.tokens[tree.branch_nodes[i][depth - 1]] == tok]
+        depth += 1
+
+
+# ------------------------------------------------------------------------------ decoder
+class MultiRoundDecoder:
+    """Multi-round speculative sampling with a DFlash draft (``mode``: faithful or tree)."""
+
+    def __init__(self, target, draft, round_block_sizes, mode: str = "tree", engine: str = "auto"):
+        if draft is None:
+            raise UserError("multi-round speculative sampling needs a draft model")
+        if mode not in MODES:
+            raise UserError(f"unknown mode '{mode}'", f"choose one of {', '.join(MODES)}")
+        sizes = [int(b) for b in round_block_sizes]
+        if not sizes:
+            raise UserError("--round-block-sizes needs at least one block size")
+        bad = [b for b in sizes if b < 2]
+        if bad:
+            raise UserError(f"round block sizes must be >= 2 (a block of 1 proposes nothing), got {bad}")
+        if engine not in ("auto", "static", "hf"):
+            raise UserError(f"unknown engine '{engine}'", "choose one of auto, static, hf")
+        if mode == "tree" and engine == "hf":
+            raise UserError("the tree mode needs the static engine (tree attention)",
+                            "use --engine static or --mode faithful")
+        draft.check_target(target)
+        self.target, self.draft, self.sizes, self.mode = target, draft, sizes, mode
+        self.engine_name = "hf" if engine == "hf" else "static"
+        self.feature_layers = draft.target_layer_ids
+        self.device = target.get_input_embeddings().weight.device
+        self._t = self._d = None
+
+    def _engines(self, capacity: int):
+        if self._t is None or self._t.capacity < capacity:
+            capacity = max(capacity, 2 * self._t.capacity if self._t else 0)
+            cls = StaticTargetEngine if self.engine_name == "static" else HFTargetEngine
+            self._t = cls(self.target, self.feature_layers, capacity)
+            embed, _, _, lm_head, _ = decoder_parts(self.target)
+            self._d = DraftEngine(self.draft, embed, lm_head, capacity)
+        return self._t, self._d
+
+    def _draft_block(self, draft, last, start: int, b: int) -> torch.Tensor:
+        """Draft logits [b-1, V] for block ``[last, MASK x (b-1)]`` at ``start..start+b-1``."""
+        block = torch.full((1, b), self.draft.mask_token_id, dtype=last.dtype, device=self.device)
+        block[0, 0] = last[0]
+        pos = torch.arange(start, start + b, device=self.device)
+        return draft.propose_logits(block, pos, kv_len=start + b)[0]
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 stop_token_ids=None, generator: torch.Generator | None = None) -> MultiRoundResult:
+        if temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {temperature}")
+        ids = input_ids.reshape(-1).to(self.device)
+        prompt_len = ids.numel()
+        k = len(self.sizes)
+        res = MultiRoundResult(output_ids=[], prompt_len=prompt_len, ttft_s=0.0, total_s=0.0,
+                               round_attempts=[0] * k, round_accepts=[0] * k)
+        if max_new_tokens <= 0:
+            return res
+        stops = set(int(s) for s in (stop_token_ids or []))
+        tree_max = 1 + sum(b - 1 for b in self.sizes)
+        target, draft = self._engines(prompt_len + max_new_tokens + max(tree_max, max(self.sizes)) + 1)
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        positions = torch.arange(prompt_len, device=self.device)
+        logits, feats = target.forward(ids[None], positions, kv_len=prompt_len)
+        last = torch.multinomial(token_dist(logits[0, -1], temperature), 1, generator=generator)
+        first = int(last.item())
+        res.ttft_s = time.perf_counter() - t0
+        res.target_passes = 1
+        output = [first]
+        stopped = first in stops
+        draft.append_context(feats, positions)
+        start = prompt_len
+        step = self._faithful_step if self.mode == "faithful" else self._tree_step
+        while not stopped and len(output) < max_new_tokens:
+            c0 = time.perf_counter()
+            new_tokens, last, start = step(target, draft, last, start, temperature, generator, res)
+            res.target_passes += 1
+            for tok in new_tokens:
+                output.append(tok)
+                if tok in stops:
+                    stopped = True
+                    break
+                if len(output) >= max_new_tokens:
+                    break
+            res.cycles.append(CycleStat(block_size=self.sizes[0] if self.mode == "tree" else 1,
+                                        tau=len(new_tokens), cycle_s=time.perf_counter() - c0))
+        _sync(self.device)
+        res.total_s = time.perf_counter() - t0
+        res.output_ids = output[:max_new_tokens]
+        res.stopped = stopped
+        return res
+
+    def _faithful_step(self, target, draft, last, start, temperature, generator, res):
+        """One token: k draft passes (slot 1 of each block size), one target pass."""
+        qs = [token_dist(self._draft_block(draft, last, start, b)[0], temperature)
+              for b in self.sizes]
+        pos = torch.arange(start, start + 1, device=self.device)
+        t_logits, t_feats = target.forward(last[None], pos, kv_len=start + 1)
+        p = token_dist(t_logits[0, 0], temperature)
+        tok, j = multiround_accept(p, qs, generator)
+        k = len(qs)
+        for i in range(min(j, k)):
+            res.round_attempts[i] += 1
+        if j <= k:
+            res.round_accepts[j - 1] += 1
+        else:
+            res.residual_draws += 1
+        draft.append_context(t_feats, pos)
+        return [tok], torch.tensor([tok], dtype=last.dtype, device=self.device), start + 1
+
+    def _tree_step(self, target, draft, last, start, temperature, generator, res):
+        """One cycle: k draft passes, one tree verify, a multi-round walk, KV/feature commit."""
+        branch_probs, samples = [], []
+        for b in self.sizes:
+            q = token_dist(self._draft_block(draft, last, start, b), temperature)  # [b-1, V]
+            branch_probs.append(q)
+            samples.append(torch.multinomial(q, 1, generator=generator).squeeze(-1))
+        flat = torch.cat([last] + samples).tolist()  # the cycle's first host read
+        root, rest, branch_tokens = flat[0], flat[1:], []
+        for b in self.sizes:
+            branch_tokens.append(rest[:b - 1])
+            rest = rest[b - 1:]
+        tree = build_tree(root, branch_tokens)
+        n = len(tree)
+        node_ids = torch.tensor([tree.tokens], dtype=last.dtype, device=self.device)
+        depths = torch.tensor(tree.depths, device=self.device)
+        slots = torch.arange(start, start + n, device=self.device)
+        t_logits, t_feats = target.forward(node_ids, start + depths, kv_len=start + n,
+                                           cache_slots=slots,
+                                           tree_mask=tree.attention_mask(self.device))
+        res.tree_nodes += n
+        walk = walk_tree(tree, token_dist(t_logits[0], temperature), branch_probs, generator)
+        for i in range(len(self.sizes)):
+            res.round_attempts[i] += walk.attempts[i]
+            res.round_accepts[i] += walk.accepts[i]
+        res.residual_draws += walk.residual
+        res.bonus_draws += walk.bonus
+        path = [0] + walk.path
+        m = len(walk.path)
+        dst = torch.arange(start, start + m + 1, device=self.device)
+        if path != list(range(m + 1)):
+            src = torch.tensor(path, device=self.device) + start
+            target.move_slots(src[1:], dst[1:])  # the root is already in place
+        draft.append_context(t_feats[:, path], dst)
+        nxt = walk.tokens[-1]
+        return walk.tokens, torch.tensor([nxt], dtype=last.dtype, device=self.device), start + m + 1
