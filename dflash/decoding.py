@@ -19,7 +19,7 @@ from .engine import DraftEngine, HFTargetEngine, StaticTargetEngine, decoder_par
 from .errors import UserError
 from .sampling import choose, greedy_accept, probs_at, speculative_accept
 
-ENGINES = ("auto", "static", "hf")
+ENGINES = ("auto", "fast", "static", "hf")
 
 
 class BlockPolicy(Protocol):
@@ -105,13 +105,27 @@ class _Timer:
 
 
 class SpeculativeDecoder:
-    """Decodes with ``target`` (HF causal LM) and an optional DFlash ``draft``."""
+    """Decodes with ``target`` (HF causal LM) and an optional DFlash ``draft``.
 
-    def __init__(self, target, draft: DFlashDraftModel | None = None, engine: str = "auto"):
+    Engines: ``fast`` = static KV cache + fused/compiled layer math + CUDA graphs (CUDA only);
+    ``static`` = static KV cache running the model's own modules eagerly (exact HF numerics);
+    ``hf`` = the plain eager Transformers forward with a DynamicCache (reference);
+    ``auto`` = fast on CUDA, static elsewhere.
+    """
+
+    def __init__(self, target, draft: DFlashDraftModel | None = None, engine: str = "auto",
+                 compile: bool = True, _cpu_graph_mode: bool = False):
         if engine not in ENGINES:
             raise UserError(f"unknown engine '{engine}'", f"choose one of {', '.join(ENGINES)}")
         self.target, self.draft = target, draft
-        self.engine_name = "static" if engine == "auto" else engine
+        self.device = target.get_input_embeddings().weight.device
+        if engine == "auto":
+            engine = "fast" if self.device.type == "cuda" else "static"
+        if engine == "fast" and self.device.type != "cuda" and not _cpu_graph_mode:
+            raise UserError("--engine fast needs a CUDA device", "use --engine static on CPU")
+        self.engine_name = engine
+        self.graphs = engine == "fast"
+        self.compile = compile and engine == "fast"
         if draft is not None:
             draft.check_target(target)
             self.feature_layers = draft.target_layer_ids
@@ -119,17 +133,27 @@ class SpeculativeDecoder:
             self.feature_layers = [0]
         self._target_engine = None
         self._draft_engine = None
-        self.device = target.get_input_embeddings().weight.device
+
+    def reserve(self, tokens: int) -> None:
+        """Allocate caches (and later graphs) for sequences up to ``tokens`` long, up front."""
+        self._engines(tokens)
 
     def _engines(self, capacity: int):
         eng = self._target_engine
         if eng is None or eng.capacity < capacity:
+            # Round up so that growing prompts do not reallocate (and recapture graphs) often.
             capacity = max(capacity, 2 * eng.capacity if eng else 0)
-            cls = StaticTargetEngine if self.engine_name == "static" else HFTargetEngine
-            self._target_engine = cls(self.target, self.feature_layers, capacity)
+            capacity = -(-capacity // 256) * 256
+            opts = dict(fused=self.graphs, compile=self.compile, graphs=self.graphs)
+            if self.engine_name == "hf":
+                self._target_engine = HFTargetEngine(self.target, self.feature_layers, capacity)
+            else:
+                self._target_engine = StaticTargetEngine(self.target, self.feature_layers, capacity,
+                                                         **opts)
             if self.draft is not None:
                 embed, _, _, lm_head, _ = decoder_parts(self.target)
-                self._draft_engine = DraftEngine(self.draft, embed, lm_head, capacity)
+                self._draft_engine = DraftEngine(self.draft, embed, lm_head, capacity,
+                                                 **(opts if self.engine_name != "hf" else {}))
         return self._target_engine, self._draft_engine
 
     @torch.inference_mode()
@@ -149,14 +173,18 @@ class SpeculativeDecoder:
         stops = set(int(s) for s in (stop_token_ids or []))
         biggest = max_block_size or getattr(policy, "max_block_size", None) or 64
         target, draft = self._engines(prompt_len + max_new_tokens + biggest + 1)
+        if isinstance(policy, FixedPolicy) and policy.block_size == 1:
+            draft = None  # the autoregressive baseline does no draft work at all
         greedy = temperature <= 0
         timer = _Timer(self.device) if collect_profile else None
-        eager = True  # graph capture lands with dflash/graphs.py; eager slices the cache
+        # Eager runs attend over the filled prefix only; graph replays need fixed shapes, so
+        # they attend over the whole buffer under a positional mask.
+        eager = not self.graphs
 
         _sync(self.device)
         t0 = time.perf_counter()
         positions = torch.arange(prompt_len, device=self.device)
-        logits, feats = target.forward(ids[None], positions, kv_len=prompt_len if eager else None)
+        logits, feats = target.forward(ids[None], positions, kv_len=prompt_len)  # prefill: eager
         last = choose(logits[0, -1:], temperature, generator)  # [1]
         first = int(last.item())
         ttft = time.perf_counter() - t0
@@ -210,7 +238,12 @@ class SpeculativeDecoder:
             new_tokens = packed[1:1 + acc] + [packed[b + acc]]
             tau = acc + 1
             if draft is not None:
-                draft.append_context(t_feats[:, :tau], pos[:tau])
+                # Graph mode appends the whole block (fixed shape); rows past tau are
+                # overwritten before any query can see them.
+                if eager:
+                    draft.append_context(t_feats[:, :tau], pos[:tau])
+                else:
+                    draft.append_context(t_feats, pos)
             last = nxt[acc:acc + 1]
             start += tau
             for tok in new_tokens:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .draft import DFlashDraftModel, rope_cos_sin
+from .graphs import FusedLayer, GraphCache, maybe_compile, post_attention, pre_attention
 
 
 def text_config(model):
@@ -33,10 +34,12 @@ class StaticTargetEngine:
 
     name = "static"
 
-    def __init__(self, model, feature_layer_ids: list[int], capacity: int):
+    def __init__(self, model, feature_layer_ids: list[int], capacity: int, *, fused: bool = False,
+                 compile: bool = False, graphs: bool = False):
         self.model = model
         self.embed, self.layers, self.norm, self.lm_head, rotary = decoder_parts(model)
         cfg = text_config(model)
+        self.eps = getattr(cfg, "rms_norm_eps", 1e-6)
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -54,9 +57,25 @@ class StaticTargetEngine:
         cos, sin = rotary(probe, positions)
         self.cos, self.sin = cos[0], sin[0]
         self.slots = torch.arange(capacity, device=self.device)
+        # Fast path (CUDA): fused GEMMs, compiled elementwise math, one CUDA graph per shape.
+        self.fused = fused and getattr(cfg, "hidden_act", "silu") == "silu"
+        if self.fused:
+            self.fused_layers = [FusedLayer(l, self.n_heads, self.n_kv, self.head_dim)
+                                 for l in self.layers]
+            self._pre = maybe_compile(pre_attention, compile)
+            self._post = maybe_compile(post_attention, compile)
+        self.graphs = graphs
+        self._graphed = GraphCache(lambda ids, pos: self._forward(ids, pos, None), graphs)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
                 cache_slots: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None):
+        """See ``_forward``. With graphs on, plain steps replay a CUDA graph per token count."""
+        if self.graphs and cache_slots is None and kv_len is None:
+            return self._graphed(input_ids, positions)
+        return self._forward(input_ids, positions, kv_len, cache_slots, tree_mask)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
+                 cache_slots: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None):
         """input_ids [1, T] at ``positions`` [T] -> (logits [1, T, V], features [1, T, n_f*H]).
 
         ``kv_len`` (eager only) limits attention to the first kv_len slots; None (graph mode)
@@ -81,25 +100,40 @@ class StaticTargetEngine:
         captured = {}
         t = input_ids.shape[1]
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, t, self.n_heads, self.head_dim)
-            k = attn.k_proj(x).view(1, t, self.n_kv, self.head_dim)
-            v = attn.v_proj(x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)
-            if getattr(attn, "q_norm", None) is not None:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
+            if self.fused:
+                fl = self.fused_layers[i]
+                q, k, v = self._pre(h, cos, sin, fl.ln1, fl.wqkv, fl.bqkv, fl.qn, fl.kn,
+                                    sizes=fl.sizes, n_heads=self.n_heads, n_kv=self.n_kv,
+                                    head_dim=self.head_dim, eps=self.eps)
+            else:
+                q, k, v = self._pre_attention_modules(layer, h, cos, sin)
             self.k_cache[i].index_copy_(2, cache_slots, k)
             self.v_cache[i].index_copy_(2, cache_slots, v)
             out = F.scaled_dot_product_attention(
                 q, self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len],
                 attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if self.fused:
+                fl = self.fused_layers[i]
+                h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps)
+            else:
+                attn = layer.self_attn
+                h = h + attn.o_proj(out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim))
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
             if i in self._wanted:
                 captured[i] = h
         logits = self.lm_head(self.norm(h))
         return logits, torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
+
+    def _pre_attention_modules(self, layer, h, cos, sin):
+        """The model's own modules (exact HF numerics; used on CPU and by the tests)."""
+        attn, t = layer.self_attn, h.shape[1]
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(1, t, self.n_heads, self.head_dim)
+        k = attn.k_proj(x).view(1, t, self.n_kv, self.head_dim)
+        v = attn.v_proj(x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy cached keys/values from slots ``src`` to ``dst`` (committing a tree path)."""
@@ -158,9 +192,23 @@ class HFTargetEngine:
 class DraftEngine:
     """Draft forward over a static cache of projected context keys/values."""
 
-    def __init__(self, draft: DFlashDraftModel, embed, lm_head, capacity: int):
+    def __init__(self, draft: DFlashDraftModel, embed, lm_head, capacity: int, *,
+                 fused: bool = False, compile: bool = False, graphs: bool = False):
         self.draft, self.embed, self.lm_head = draft, embed, lm_head
         cfg = draft.config
+        self.eps = cfg.rms_norm_eps
+        self.n_heads, self.n_kv, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                  cfg.head_dim)
+        self.fused = fused
+        if fused:
+            self.fused_layers = [FusedLayer(l, self.n_heads, self.n_kv, self.head_dim)
+                                 for l in draft.layers]
+            self._pre = maybe_compile(pre_attention, compile)
+            self._post = maybe_compile(post_attention, compile)
+        self.graphs = graphs
+        self._graphed_append = GraphCache(self._append_context, graphs)
+        self._graphed_propose = GraphCache(lambda ids, pos: self._propose_logits(ids, pos, None),
+                                           graphs)
         self.device, self.dtype = draft.device, draft.dtype
         self.capacity = capacity
         shape = (1, cfg.num_key_value_heads, capacity, cfg.head_dim)
@@ -172,6 +220,19 @@ class DraftEngine:
 
     def append_context(self, features: torch.Tensor, positions: torch.Tensor) -> None:
         """Project target features [1, n, n_f*H] at ``positions`` [n] into every layer's cache."""
+        if self.graphs and features.shape[1] <= 64:  # per-cycle appends; the prompt runs eagerly
+            self._graphed_append(features, positions)
+        else:
+            self._append_context(features, positions)
+
+    def propose_logits(self, block_ids: torch.Tensor, positions: torch.Tensor,
+                       kv_len: int | None = None) -> torch.Tensor:
+        """Block ``[last, MASK...]`` [1, b] at ``positions`` [b] -> logits [1, b-1, V]."""
+        if self.graphs and kv_len is None:
+            return self._graphed_propose(block_ids, positions)
+        return self._propose_logits(block_ids, positions, kv_len)
+
+    def _append_context(self, features: torch.Tensor, positions: torch.Tensor):
         ctx = self.draft.project_context(features.to(self.dtype))
         cos, sin = self.cos[positions], self.sin[positions]
         for i, layer in enumerate(self.draft.layers):
@@ -179,9 +240,8 @@ class DraftEngine:
             self.k_cache[i].index_copy_(2, positions, k)
             self.v_cache[i].index_copy_(2, positions, v)
 
-    def propose_logits(self, block_ids: torch.Tensor, positions: torch.Tensor,
-                       kv_len: int | None = None) -> torch.Tensor:
-        """Block ``[last, MASK...]`` [1, b] at ``positions`` [b] -> logits for slots 1..b-1."""
+    def _propose_logits(self, block_ids: torch.Tensor, positions: torch.Tensor,
+                        kv_len: int | None = None) -> torch.Tensor:
         h = self.embed(block_ids).to(self.dtype)
         cos, sin = self.cos[positions], self.sin[positions]
         if kv_len is None:  # graph mode: whole buffer, positional mask (all queries alike)
@@ -191,12 +251,24 @@ class DraftEngine:
             mask = None
         for i, layer in enumerate(self.draft.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.project_q(x, cos, sin)
-            k, v = attn.project_kv(x, cos, sin)
+            if self.fused:
+                fl = self.fused_layers[i]
+                q, k, v = self._pre(h, cos[None, None], sin[None, None], fl.ln1, fl.wqkv, fl.bqkv,
+                                    fl.qn, fl.kn, sizes=fl.sizes, n_heads=self.n_heads,
+                                    n_kv=self.n_kv, head_dim=self.head_dim, eps=self.eps)
+            else:
+                x = layer.input_layernorm(h)
+                q = attn.project_q(x, cos, sin)
+                k, v = attn.project_kv(x, cos, sin)
             self.k_cache[i].index_copy_(2, positions, k)
             self.v_cache[i].index_copy_(2, positions, v)
-            h = h + attn.attend(q, self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len], mask)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            keys, values = self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len]
+            if self.fused:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                     enable_gqa=self.n_heads != self.n_kv)
+                h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps)
+            else:
+                h = h + attn.attend(q, keys, values, mask)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = self.draft.norm(h[:, 1:])
         return self.lm_head(h.to(self.lm_head.weight.dtype))

@@ -1,0 +1,129 @@
+"""CUDA-graph capture of fixed-shape steps, and the fused (optionally compiled) layer math.
+
+A decoding step is a pure function of its tensor inputs plus the static KV caches it writes,
+so it can be captured once per input shape and replayed: one launch instead of hundreds, and
+no Python between kernels. Graph outputs are static buffers, overwritten by the next replay
+of the same graph; callers consume them before that.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+class _Captured:
+    def __init__(self, fn, args, pool):
+        self.inputs = [a.clone() for a in args]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up (compiles, allocates workspaces)
+            for _ in range(2):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = fn(*self.inputs)
+
+    def run(self, args):
+        for dst, src in zip(self.inputs, args):
+            dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+
+class GraphCache:
+    """Calls ``fn(*tensors)`` through one CUDA graph per distinct input shape (or eagerly)."""
+
+    _pool = None
+
+    def __init__(self, fn, enabled: bool):
+        self.fn, self.enabled = fn, enabled
+        self.graphs: dict = {}
+
+    def __call__(self, *args):
+        if not self.enabled or not args[0].is_cuda:  # CPU: same fixed-shape semantics, eagerly
+            return self.fn(*args)
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if GraphCache._pool is None:
+                GraphCache._pool = torch.cuda.graph_pool_handle()
+            graph = self.graphs[key] = _Captured(self.fn, args, GraphCache._pool)
+        return graph.run(args)
+
+
+# ----------------------------------------------------------------------------- fused layer math
+def rms_norm(x, weight, eps):
+    """RMSNorm with the Hugging Face numerics (float32 statistics, cast back, then scale)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class FusedLayer:
+    """One decoder layer's weights, with q/k/v and gate/up concatenated into single GEMMs."""
+
+    def __init__(self, layer, n_heads, n_kv, head_dim):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.sizes = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
+        self.wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        self.bqkv = torch.cat(biases).detach() if biases[0] is not None else None
+        self.wo, self.bo = attn.o_proj.weight.detach(), attn.o_proj.bias
+        self.qn = attn.q_norm.weight.detach() if getattr(attn, "q_norm", None) is not None else None
+        self.kn = attn.k_norm.weight.detach() if getattr(attn, "k_norm", None) is not None else None
+        self.ln1 = layer.input_layernorm.weight.detach()
+        self.ln2 = layer.post_attention_layernorm.weight.detach()
+        self.wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        self.wd = mlp.down_proj.weight.detach()
+
+
+def pre_attention(h, cos, sin, ln1, wqkv, bqkv, qn, kn, *, sizes, n_heads, n_kv, head_dim, eps):
+    """Norm, fused q/k/v projection, per-head q/k norms, rotary -> q, k [1,h,T,D], v."""
+    t = h.shape[1]
+    qkv = F.linear(rms_norm(h, ln1, eps), wqkv, bqkv)
+    q, k, v = qkv.split(sizes, dim=-1)
+    q = q.view(1, t, n_heads, head_dim)
+    k = k.view(1, t, n_kv, head_dim)
+    if qn is not None:
+        q, k = rms_norm(q, qn, eps), rms_norm(k, kn, eps)
+    q = rope(q.transpose(1, 2), cos, sin)
+    k = rope(k.transpose(1, 2), cos, sin)
+    return q, k, v.view(1, t, n_kv, head_dim).transpose(1, 2)
+
+
+def post_attention(h, attn_out, wo, ln2, wgu, wd, *, eps):
+    """Output projection + residual, norm, fused SwiGLU MLP + residual."""
+    t = h.shape[1]
+    h = h + F.linear(attn_out.transpose(1, 2).reshape(1, t, -1), wo)
+    gate, up = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, wd)
+
+
+def maybe_compile(fn, enabled: bool):
+    """torch.compile with dynamic token count; falls back to eager if compilation fails."""
+    if not enabled:
+        return fn
+    compiled = torch.compile(fn, dynamic=True)
+    state = {"fn": compiled}
+
+    def call(*args, **kwargs):
+        try:
+            return state["fn"](*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - a compiler failure must not stop a benchmark
+            if state["fn"] is fn:
+                raise
+            print(f"note: torch.compile failed ({type(err).__name__}); running uncompiled",
+                  file=sys.stderr)
+            state["fn"] = fn
+            return fn(*args, **kwargs)
+
+    return call
