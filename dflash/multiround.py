@@ -165,9 +165,102 @@ class WalkResult:
     bonus: int = 0              # 1 if the last token came from p with no proposal left
 
 
+def candidates(tree: Tree) -> list[list[int]]:
+    """Per node: the rounds whose branch passes through it and goes deeper, in round order.
+
+    These are exactly the branches "alive" when the walk stands on that node: a branch shares
+    the accepted prefix iff it passes through the node that prefix ends at.
+    """
+    out = [[] for _ in range(len(tree))]
+    for i, nodes in enumerate(tree.branch_nodes):
+        for d in range(len(nodes)):
+            parent = 0 if d == 0 else nodes[d - 1]
+            out[parent].append(i)
+    return out
+
+
 def walk_tree(tree: Tree, node_probs: torch.Tensor, branch_probs: list[torch.Tensor],
               generator=None) -> WalkResult:
     """Accept a path through ``tree`` by multi-round sampling at each depth (exact; see module).
+
+    ``node_probs`` [T, V]: target distribution of the token after each node (row 0: root).
+    ``branch_probs[i]`` [L_i, V]: the distribution branch i's depth-d token was drawn from is
+    row d-1 (drawn independently of everything else). Branch tokens are read off the tree.
+
+    Because the alive rounds at a node depend on the node only (:func:`candidates`), the
+    multi-round draw of every node is computed at once on the device, each node with its own
+    fresh uniforms and residual sample; the walk then follows the outcomes from the root with
+    one host read. Outcomes of nodes off the path are never looked at, so this has the law of
+    :func:`walk_tree_sequential`.
+    """
+    device = node_probs.device
+    k = len(branch_probs)
+    n = len(tree)
+    cands = candidates(tree)
+    width = max((len(c) for c in cands), default=0)
+    r = node_probs.to(torch.promote_types(node_probs.dtype, torch.float32))
+    r = r / r.sum(-1, keepdim=True)
+    taken = torch.full((n,), -1, dtype=torch.int64, device=device)  # accepting slot per node
+    if width:
+        rows, slots, branch, depth, toks = [], [], [], [], []
+        for node, cs in enumerate(cands):
+            for j, i in enumerate(cs):
+                rows.append(node)
+                slots.append(j)
+                branch.append(i)
+                depth.append(tree.depths[node])
+                toks.append(tree.tokens[tree.branch_nodes[i][tree.depths[node]]])
+        offsets = [0]
+        for b in branch_probs:
+            offsets.append(offsets[-1] + b.shape[0])
+        flat_q = torch.cat([b.to(r.dtype) for b in branch_probs], dim=0)  # [sum L_i, V]
+        pick = torch.tensor([offsets[b] + d for b, d in zip(branch, depth)], device=device)
+        q = torch.zeros(n, width, r.shape[-1], dtype=r.dtype, device=device)
+        valid = torch.zeros(n, width, dtype=torch.bool, device=device)
+        tok = torch.zeros(n, width, dtype=torch.int64, device=device)
+        idx = (torch.tensor(rows, device=device), torch.tensor(slots, device=device))
+        q[idx] = flat_q[pick]
+        valid[idx] = True
+        tok[idx] = torch.tensor(toks, device=device)
+        u = torch.rand(n, width, device=device, generator=generator, dtype=r.dtype)
+        undecided = torch.ones(n, dtype=torch.bool, device=device)
+        for j in range(width):
+            qj = q[:, j]
+            t = tok[:, j:j + 1]
+            rest = (r - qj).clamp_min(0)
+            mass = rest.sum(-1, keepdim=True)
+            certain = (mass <= 0).squeeze(-1)
+            ok = (u[:, j] * qj.gather(1, t).squeeze(1) < r.gather(1, t).squeeze(1)) | certain
+            take = undecided & valid[:, j] & ok
+            taken = torch.where(take, torch.full_like(taken, j), taken)
+            undecided = undecided & ~take
+            move = valid[:, j] & ~certain
+            r = torch.where(move[:, None], rest / mass.clamp_min(torch.finfo(r.dtype).tiny), r)
+    last = torch.multinomial(r, 1, generator=generator).squeeze(-1)  # final residual per node
+    taken_h, last_h = torch.stack([taken, last]).tolist()  # the walk's one host read
+    attempts, accepts = [0] * k, [0] * k
+    node, out, path = 0, [], []
+    while True:
+        cs, j = cands[node], taken_h[node]
+        if j < 0:
+            for i in cs:
+                attempts[i] += 1
+            return WalkResult(out + [last_h[node]], path, attempts, accepts,
+                              residual=int(bool(cs)), bonus=int(not cs))
+        for i in cs[:j + 1]:
+            attempts[i] += 1
+        winner = cs[j]
+        accepts[winner] += 1
+        node = tree.branch_nodes[winner][tree.depths[node]]
+        out.append(tree.tokens[node])
+        path.append(node)
+
+
+def walk_tree_sequential(tree: Tree, node_probs: torch.Tensor, branch_probs: list[torch.Tensor],
+              generator=None) -> WalkResult:
+    """Reference walk: one multi-round draw per depth, in order (one host read per depth).
+
+    Same law as :func:`walk_tree`, which the decoder uses; kept as the readable definition.
 
     ``node_probs`` [T, V]: target distribution of the token after each node (row 0: root).
     ``branch_probs[i]`` [L_i, V]: the distribution branch i's depth-d token was drawn from is

@@ -55,13 +55,14 @@ def speculative_accept(proposals: torch.Tensor, draft_probs: torch.Tensor,
 
 # --- multi-round speculative sampling (several proposals for one position) -------------------
 
-def residual_chain(target_probs: torch.Tensor, proposal_probs) -> tuple[list[torch.Tensor], list[bool]]:
+def residual_chain(target_probs: torch.Tensor, proposal_probs):
     """Residuals ``r_0 = p, r_i = norm(max(0, r_{i-1} - q_i))`` of multi-round sampling.
 
     Returns ``(residuals, certain)``: ``residuals[i]`` is the distribution that round ``i + 1``
-    tests against (``residuals[k]`` is the final one) and ``certain[i]`` is True when round
-    ``i + 1`` cannot reject (``max(0, r - q)`` has zero mass, so ``r == q``); the chain stops
-    there, as later rounds are never reached. The chain does not depend on the drawn tokens.
+    tests against (``residuals[k]`` is the final one) and ``certain`` [k] (bool tensor) marks
+    the rounds that cannot reject (``max(0, r - q)`` has zero mass, so ``r == q``). After such
+    a round the residual is kept as it was (any valid distribution would do: nobody gets past
+    that round). The chain does not depend on the drawn tokens and needs no host sync.
     """
     r = target_probs.to(torch.promote_types(target_probs.dtype, torch.float32))
     r = r / r.sum()
@@ -69,18 +70,17 @@ def residual_chain(target_probs: torch.Tensor, proposal_probs) -> tuple[list[tor
     for q in proposal_probs:
         rest = (r - q.to(r.dtype)).clamp_min(0)
         mass = rest.sum()
-        if not bool(mass > 0):
-            certain.append(True)
-            break
-        certain.append(False)
-        r = rest / mass
+        zero = mass <= 0
+        r = torch.where(zero, r, rest / mass.clamp_min(torch.finfo(r.dtype).tiny))
         residuals.append(r)
-    return residuals, certain
+        certain.append(zero)
+    flags = torch.stack(certain) if certain else torch.zeros(0, dtype=torch.bool, device=r.device)
+    return residuals, flags
 
 
 def multiround_accept_batch(target_probs: torch.Tensor, proposal_probs, num_draws: int,
                             generator=None, proposal_tokens: torch.Tensor | None = None):
-    """``num_draws`` independent runs of :func:`multiround_accept`, vectorised.
+    """``num_draws`` independent runs of :func:`multiround_accept`, vectorised, no host sync.
 
     Returns ``(tokens [N], rounds [N])`` (int64); ``rounds`` is 1-based, ``k + 1`` for the
     final residual. ``proposal_tokens`` [k, N] may supply the proposals (each row drawn from
@@ -95,25 +95,21 @@ def multiround_accept_batch(target_probs: torch.Tensor, proposal_probs, num_draw
     rounds = torch.full((n,), k + 1, dtype=torch.int64, device=device)
     undecided = torch.ones(n, dtype=torch.bool, device=device)
     for i, q in enumerate(qs):
-        if i >= len(certain):
-            break  # an earlier round was certain to accept: nobody gets here
-        q = q.to(residuals[i].dtype)
+        r = residuals[i]
+        q = q.to(r.dtype)
         if proposal_tokens is not None:
             t = proposal_tokens[i].to(device=device, dtype=torch.int64).reshape(n)
         else:
             t = torch.multinomial(q, n, replacement=True, generator=generator)
-        u = torch.rand(n, device=device, generator=generator, dtype=residuals[i].dtype)
-        # accept with probability min(1, r(t)/q(t)), written without a division
-        ok = u * q[t] < residuals[i][t]
-        if certain[i]:
-            ok = torch.ones_like(ok)  # r == q: the rejection branch has probability 0
-        take = undecided & ok
+        u = torch.rand(n, device=device, generator=generator, dtype=r.dtype)
+        # accept with probability min(1, r(t)/q(t)), written without a division; a certain
+        # round (r == q) accepts even where rounding makes r(t) a hair below q(t)
+        take = undecided & ((u * q[t] < r[t]) | certain[i])
         tokens = torch.where(take, t, tokens)
         rounds = torch.where(take, torch.full_like(rounds, i + 1), rounds)
         undecided = undecided & ~take
-    if len(residuals) == k + 1:  # every round could reject: the final residual is reachable
-        final = torch.multinomial(residuals[k], n, replacement=True, generator=generator)
-        tokens = torch.where(undecided, final, tokens)
+    final = torch.multinomial(residuals[k], n, replacement=True, generator=generator)
+    tokens = torch.where(undecided, final, tokens)
     return tokens, rounds
 
 
@@ -136,4 +132,5 @@ def multiround_accept(target_probs: torch.Tensor, proposal_probs, generator=None
         toks = torch.as_tensor(list(proposal_tokens) if not torch.is_tensor(proposal_tokens)
                                else proposal_tokens, dtype=torch.int64).reshape(len(qs), 1)
     tokens, rounds = multiround_accept_batch(target_probs, qs, 1, generator, toks)
-    return int(tokens[0]), int(rounds[0])
+    token, rnd = torch.cat([tokens, rounds]).tolist()  # the one host read
+    return token, rnd

@@ -17,7 +17,8 @@ from scipy.stats import chisquare
 
 from dflash.decoding import SpeculativeDecoder
 from dflash.engine import DraftEngine, StaticTargetEngine, decoder_parts
-from dflash.multiround import MultiRoundDecoder, build_tree, walk_tree
+from dflash.multiround import (MultiRoundDecoder, build_tree, candidates, walk_tree,
+                               walk_tree_sequential)
 from dflash.sampling import multiround_accept, multiround_accept_batch, residual_chain
 from dflash.toy import make_random_draft, make_random_target
 
@@ -111,13 +112,13 @@ def test_degenerate_cases():
     gen = torch.Generator().manual_seed(0)
     # q == p: zero residual mass, acceptance certain, later rounds never reached
     residuals, certain = residual_chain(p, [p, p])
-    assert certain == [True] and len(residuals) == 1
+    assert certain.tolist() == [True, True]
     _, rounds = multiround_accept_batch(p, [p, CASES["random-2"][1][1]], 10_000, gen)
     assert bool((rounds == 1).all())
     # a proposal entirely outside the target's support never accepts and leaves r == p
     p_sparse, (disjoint,) = CASES["disjoint-only"]
     residuals, certain = residual_chain(p_sparse, [disjoint])
-    assert certain == [False] and torch.allclose(residuals[1], p_sparse)
+    assert certain.tolist() == [False] and torch.allclose(residuals[1], p_sparse)
     _, rounds = multiround_accept_batch(p_sparse, [disjoint], 10_000, gen)
     assert bool((rounds == 2).all())
     # no proposals: a plain sample, reported as the final residual (round k + 1 = 1)
@@ -205,9 +206,11 @@ def _marginals(p, context, depth):
     return out
 
 
-def test_tree_walk_is_exact_over_three_tokens():
+@pytest.mark.parametrize("walk_fn", [walk_tree, walk_tree_sequential])
+def test_tree_walk_is_exact_over_three_tokens(walk_fn):
     """Full synthetic generation through walk_tree: the joint law of the first 3 emitted tokens
-    (27 cells, 3000 draws) matches the target: chi-square p > 1e-3, TV < 0.14 (expected ~0.06).
+    (27 cells, 2500 draws) matches the target: chi-square p > 1e-3, TV < 0.15 (expected ~0.07).
+    Both the batched walk (used by the decoder) and the sequential reference are checked.
     Proposals resemble the target's multi-step marginals (sharpened for round 1, flattened for
     round 2), so depth > 1 acceptances and switches to branch 2 happen often."""
     p = _synthetic_target()
@@ -216,7 +219,7 @@ def test_tree_walk_is_exact_over_three_tokens():
     counts = torch.zeros(V_SYN ** 3, dtype=torch.long)
     switched = deep = 0
     cache = {}
-    for _ in range(3000):
+    for _ in range(2500):
         ctx = [0]
         emitted = []
         while len(emitted) < 3:
@@ -235,7 +238,7 @@ def test_tree_walk_is_exact_over_three_tokens():
                     pre.append(tree.tokens[m])
                     m = tree.parents[m]
                 node_probs.append(p(ctx + pre[::-1]))
-            walk = walk_tree(tree, torch.stack(node_probs), qs, gen)
+            walk = walk_fn(tree, torch.stack(node_probs), qs, gen)
             assert len(walk.path) == len(walk.tokens) - 1
             for node, tok in zip(walk.path, walk.tokens):
                 assert tree.tokens[node] == tok
@@ -251,9 +254,9 @@ def test_tree_walk_is_exact_over_three_tokens():
         for b in range(3):
             for c in range(3):
                 exact[a * 9 + b * 3 + c] = p([0])[a] * p([0, a])[b] * p([0, a, b])[c]
-    assert switched > 30 and deep > 300  # the interesting paths were exercised
+    assert switched > 25 and deep > 250  # the interesting paths were exercised
     assert chi2_pvalue(counts, exact) > ALPHA
-    assert tv_distance(counts, exact) < 0.14
+    assert tv_distance(counts, exact) < 0.15
 
 
 def test_build_tree_merges_prefixes_and_masks_ancestors():
@@ -265,6 +268,8 @@ def test_build_tree_merges_prefixes_and_masks_ancestors():
     mask = tree.attention_mask()
     assert mask[4].tolist() == [True, True, True, False, True, False]
     assert mask[5].tolist() == [True, False, False, False, False, True]
+    # alive rounds per node: the branches through it that go deeper
+    assert candidates(tree) == [[0, 1, 2], [0, 1], [0, 1], [], [], []]
 
 
 # --------------------------------------------------------------------------- the decoders
