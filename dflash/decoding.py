@@ -8,6 +8,7 @@ a cycle is reading back the accepted tokens.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -125,7 +126,8 @@ class SpeculativeDecoder:
             raise UserError("--engine fast needs a CUDA device", "use --engine static on CPU")
         self.engine_name = engine
         self.graphs = engine == "fast"
-        self.compile = compile and engine == "fast"
+        # DFLASH_COMPILE=0 keeps CUDA graphs but skips torch.compile (e.g. without a compiler).
+        self.compile = compile and engine == "fast" and os.environ.get("DFLASH_COMPILE", "1") != "0"
         if draft is not None:
             draft.check_target(target)
             self.feature_layers = draft.target_layer_ids
