@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import CycleStat, GenerationResult, _sync
+from .decoding import ENGINES, CycleStat, GenerationResult, _sync
 from .engine import DraftEngine, HFTargetEngine, StaticTargetEngine, decoder_parts
 from .errors import UserError
 from .sampling import multiround_accept, probs_at
@@ -297,7 +297,8 @@ def walk_tree_sequential(tree: Tree, node_probs: torch.Tensor, branch_probs: lis
 class MultiRoundDecoder:
     """Multi-round speculative sampling with a DFlash draft (``mode``: faithful or tree)."""
 
-    def __init__(self, target, draft, round_block_sizes, mode: str = "tree", engine: str = "auto"):
+    def __init__(self, target, draft, round_block_sizes, mode: str = "tree", engine: str = "auto",
+                 compile: bool = True, _cpu_graph_mode: bool = False):
         if draft is None:
             raise UserError("multi-round speculative sampling needs a draft model")
         if mode not in MODES:
@@ -308,25 +309,42 @@ class MultiRoundDecoder:
         bad = [b for b in sizes if b < 2]
         if bad:
             raise UserError(f"round block sizes must be >= 2 (a block of 1 proposes nothing), got {bad}")
-        if engine not in ("auto", "static", "hf"):
-            raise UserError(f"unknown engine '{engine}'", "choose one of auto, static, hf")
+        if engine not in ENGINES:
+            raise UserError(f"unknown engine '{engine}'", f"choose one of {', '.join(ENGINES)}")
+        self.device = target.get_input_embeddings().weight.device
+        if engine == "auto":
+            engine = "fast" if self.device.type == "cuda" else "static"
+        if engine == "fast" and self.device.type != "cuda" and not _cpu_graph_mode:
+            raise UserError("--engine fast needs a CUDA device", "use --engine static on CPU")
         if mode == "tree" and engine == "hf":
-            raise UserError("the tree mode needs the static engine (tree attention)",
-                            "use --engine static or --mode faithful")
+            raise UserError("the tree mode needs a static-cache engine (tree attention)",
+                            "use --engine auto, fast or static, or --mode faithful")
         draft.check_target(target)
         self.target, self.draft, self.sizes, self.mode = target, draft, sizes, mode
-        self.engine_name = "hf" if engine == "hf" else "static"
+        self.engine_name = engine
+        # fast: fused layer math and CUDA graphs for the fixed-shape steps (draft blocks, draft
+        # appends, faithful target steps); the tree verify itself runs the fused math eagerly.
+        self.graphs = engine == "fast"
+        self.compile = compile and self.graphs
         self.feature_layers = draft.target_layer_ids
-        self.device = target.get_input_embeddings().weight.device
         self._t = self._d = None
+
+    def reserve(self, tokens: int) -> None:
+        """Allocate caches for sequences up to ``tokens`` long, up front."""
+        self._engines(tokens)
 
     def _engines(self, capacity: int):
         if self._t is None or self._t.capacity < capacity:
             capacity = max(capacity, 2 * self._t.capacity if self._t else 0)
-            cls = StaticTargetEngine if self.engine_name == "static" else HFTargetEngine
-            self._t = cls(self.target, self.feature_layers, capacity)
+            capacity = -(-capacity // 256) * 256  # few reallocations (and graph recaptures)
+            opts = dict(fused=self.graphs, compile=self.compile, graphs=self.graphs)
+            if self.engine_name == "hf":
+                self._t = HFTargetEngine(self.target, self.feature_layers, capacity)
+                opts = {}
+            else:
+                self._t = StaticTargetEngine(self.target, self.feature_layers, capacity, **opts)
             embed, _, _, lm_head, _ = decoder_parts(self.target)
-            self._d = DraftEngine(self.draft, embed, lm_head, capacity)
+            self._d = DraftEngine(self.draft, embed, lm_head, capacity, **opts)
         return self._t, self._d
 
     def _draft_block(self, draft, last, start: int, b: int) -> torch.Tensor:
@@ -334,7 +352,8 @@ class MultiRoundDecoder:
         block = torch.full((1, b), self.draft.mask_token_id, dtype=last.dtype, device=self.device)
         block[0, 0] = last[0]
         pos = torch.arange(start, start + b, device=self.device)
-        return draft.propose_logits(block, pos, kv_len=start + b)[0]
+        # graph mode: whole buffer under a positional mask (the block's own KV is written first)
+        return draft.propose_logits(block, pos, kv_len=None if self.graphs else start + b)[0]
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -389,7 +408,7 @@ class MultiRoundDecoder:
         qs = [token_dist(self._draft_block(draft, last, start, b)[0], temperature)
               for b in self.sizes]
         pos = torch.arange(start, start + 1, device=self.device)
-        t_logits, t_feats = target.forward(last[None], pos, kv_len=start + 1)
+        t_logits, t_feats = target.forward(last[None], pos, kv_len=None if self.graphs else start + 1)
         p = token_dist(t_logits[0, 0], temperature)
         tok, j = multiround_accept(p, qs, generator)
         k = len(qs)
@@ -435,6 +454,13 @@ class MultiRoundDecoder:
         if path != list(range(m + 1)):
             src = torch.tensor(path, device=self.device) + start
             target.move_slots(src[1:], dst[1:])  # the root is already in place
-        draft.append_context(t_feats[:, path], dst)
+        if self.graphs:
+            # One fixed shape for the graph: the path, then filler rows at later positions. Those
+            # are overwritten by the next blocks' own keys before any query can see them.
+            width = max(self.sizes)
+            rows = path + [path[-1]] * (width - len(path))
+            draft.append_context(t_feats[:, rows], torch.arange(start, start + width, device=self.device))
+        else:
+            draft.append_context(t_feats[:, path], dst)
         nxt = walk.tokens[-1]
         return walk.tokens, torch.tensor([nxt], dtype=last.dtype, device=self.device), start + m + 1

@@ -340,21 +340,28 @@ def test_decoders_first_tokens_match_target(pair, kind):
         assert hist[0] > 0 and hist[1] > 0 and hist[2] > 0
 
 
-def test_greedy_multiround_equals_target_greedy(pair):
+ENGINE_KW = {"static": {"engine": "static"},
+             # the CUDA fast engine's fixed-shape (graph-mode) semantics, run eagerly on CPU
+             "fast-graph-semantics": {"engine": "fast", "compile": False, "_cpu_graph_mode": True}}
+
+
+@pytest.mark.parametrize("engine", list(ENGINE_KW))
+def test_greedy_multiround_equals_target_greedy(pair, engine):
     target, draft = pair
     ids = torch.tensor([PROMPT])
     base = SpeculativeDecoder(target, draft).generate(ids, 40, 0.0, block_size=1).output_ids
     for mode in ("faithful", "tree"):
-        out = MultiRoundDecoder(target, draft, [4, 3], mode=mode).generate(ids, 40, 0.0)
-        assert out.output_ids == base, mode
+        dec = MultiRoundDecoder(target, draft, [4, 3], mode=mode, **ENGINE_KW[engine])
+        assert dec.generate(ids, 40, 0.0).output_ids == base, mode
 
 
-def test_tree_commits_the_accepted_path(pair):
+@pytest.mark.parametrize("engine", list(ENGINE_KW))
+def test_tree_commits_the_accepted_path(pair, engine):
     """Every tree pass's logits on the committed path equal a fresh full forward (so the KV
     copied by move_slots is right), branch switches do happen, and the draft's context cache
     holds exactly the features of the emitted sequence."""
     target, draft = pair
-    dec = MultiRoundDecoder(target, draft, [4, 3], mode="tree")
+    dec = MultiRoundDecoder(target, draft, [4, 3], mode="tree", **ENGINE_KW[engine])
     passes, moves = [], []
     dec._engines(128)
     eng = dec._t
