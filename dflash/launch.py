@@ -494,6 +494,7 @@ def execute(run: Run, plan: Plan, env: Mapping[str, str] | None = None) -> None:
             run.returncode, run.elapsed_s = 127, time.time() - start
             run.status, run.error = "failed", f"cannot start {run.cmd[0]}: {err.strerror}"
             return
+        _CURRENT["proc"] = proc
         try:
             while True:
                 chunk = os.read(proc.stdout.fileno(), 65536)
@@ -515,8 +516,20 @@ def execute(run: Run, plan: Plan, env: Mapping[str, str] | None = None) -> None:
             run.elapsed_s = time.time() - start
             _judge(run, start)
             raise
+    _CURRENT["proc"] = None
     run.elapsed_s = time.time() - start
     _judge(run, start)
+
+
+_CURRENT: dict = {"proc": None}
+
+
+def _on_sigterm(signum, _frame):
+    """Pass a SIGTERM on to the running benchmark (so it writes its summary), then stop."""
+    proc = _CURRENT.get("proc")
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    raise KeyboardInterrupt
 
 
 def _judge(run: Run, start: float) -> None:
@@ -528,7 +541,7 @@ def _judge(run: Run, start: float) -> None:
             run.status = "partial"
         run.error = None
     elif rc in (130, 143, -signal.SIGINT, -signal.SIGTERM):
-        run.status, run.error = "interrupted", f"interrupted (exit status {rc})"
+        run.status, run.error = "interrupted", f"exit status {rc}"
     else:
         run.status = "failed"
         run.error = _error_line(run.log_path) or f"exit status {rc}"
@@ -697,11 +710,14 @@ def sweep_plot(rows: list[dict], path: Path) -> bool:
     ax2 = ax.twinx()
     ax2.plot(xs, [r["tau"] for r in good], "s--", color="tab:orange", label="tau")
     ax2.set_ylabel("mean acceptance length tau", color="tab:orange")
+    ax2.set_ylim(0, 1.05 * max(max(xs), max(r["tau"] for r in good)))  # tau <= block size
     first = good[0]
     failed_sizes = [str(r["block_size"]) for r in rows if r["status"] in ("failed", "interrupted")
                     and r["block_size"] != 1]
     title = (f"{first['dataset']} ({first['samples_done']} samples, {first['max_new_tokens']} "
-             f"tokens) on {first['gpu_name']}")
+             f"tokens, T={first['temperature']}) on {first['gpu_name']}\n"
+             f"{first['model']} + {first['draft']}"
+             + (" (shared baseline)" if first["baseline_source"] == "shared baseline" else ""))
     if failed_sizes:
         title += f"\nfailed: block size {', '.join(failed_sizes)}"
     ax.set_title(title, fontsize=9)
@@ -763,6 +779,7 @@ def main(argv=None) -> int:
     if child_env is not None:
         print("The Hugging Face hub is not reachable: runs get HF_HUB_OFFLINE=1 "
               "(cached or built-in data only).", file=sys.stderr)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     first_failure: Run | None = None
     interrupted = False
     total = len(plan.runs)
