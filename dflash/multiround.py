@@ -123,12 +123,12 @@ class Tree:
     def attention_mask(self, device=None) -> torch.Tensor:
         """[T, T] bool: node a may attend to node b iff b is a or an ancestor of a."""
         n = len(self.tokens)
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        for a in range(n):
-            b = a
-            while b >= 0:
-                mask[a, b] = True
-                b = self.parents[b]
+        rows = [[False] * n for _ in range(n)]
+        for a in range(n):  # parents come before their children
+            if a:
+                rows[a][:a] = rows[self.parents[a]][:a]
+            rows[a][a] = True
+        mask = torch.tensor(rows, dtype=torch.bool)
         return mask.to(device) if device is not None else mask
 
 
