@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import math
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import runlog
 from .datasets import DATASET_NAMES, check_dataset_name
-from .draft import DFlashDraftModel, resolve_dtype
+from .draft import DTYPES, DFlashDraftModel, resolve_dtype
 from .errors import UserError
-from .hub import EMBEDDED_DRAFT, EMBEDDED_TARGET, resolve_model_dir
+from .hub import EMBEDDED_DRAFT, EMBEDDED_TARGET, looks_like_hub_id, resolve_model_dir
 
 HUB_TARGET = "Qwen/Qwen3-4B"
 HUB_DRAFT = "z-lab/Qwen3-4B-DFlash-b16"
@@ -39,7 +44,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, dataset_default: str | N
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto",
                         help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    parser.add_argument("--engine", default="auto", choices=["auto", "static", "hf"],
+    parser.add_argument("--engine", default="auto", choices=["auto", "fast", "static", "hf"],
                         help="static: preallocated KV cache (+CUDA graphs on GPU); hf: plain eager "
                              "Transformers reference path")
     parser.add_argument("--enable-thinking", action="store_true",
@@ -61,30 +66,136 @@ def add_common_args(parser: argparse.ArgumentParser, *, dataset_default: str | N
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
 
 
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DTYPE_NAMES = ("auto",) + tuple(DTYPES)
+MAX_NEW_TOKENS_LIMIT = 1_000_000
+
+
 def check_common_args(args) -> None:
-    """Validate before any model is loaded: one clear line per problem."""
+    """Validate before any model is loaded: one clear line per problem, nothing written."""
     check_dataset_name(args.dataset)
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max-samples must be >= 1, got {args.max_samples}")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0 or args.temperature != args.temperature:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    for flag in ("save_outputs_path", "output_json"):
-        value = getattr(args, flag, None)
-        if value:
-            check_writable(value, "--" + flag.replace("_", "-"))
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise UserError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS_LIMIT}, "
+                        f"got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), "
+                        f"got {args.temperature}")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be in 0..2^63-1, got {args.seed}")
+    check_device_flag(args.device)
+    if args.dtype not in DTYPE_NAMES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got '{args.dtype}'")
+    check_model_arg(args.model_name_or_path, "--model-name-or-path", "target model")
+    check_model_arg(args.draft_name_or_path, "--draft-name-or-path", "draft")
+    jsonl, summary = args.save_outputs_path, args.output_json
+    for flag, value in (("--save-outputs-path", jsonl), ("--output-json", summary)):
+        if value is not None:
+            check_writable(value, flag)
+    if jsonl and summary and Path(jsonl).expanduser().resolve() == Path(summary).expanduser().resolve():
+        raise UserError("--output-json and --save-outputs-path are the same file",
+                        "give the summary its own path")
+    runlog.precheck(jsonl, None, args.resume)
+
+
+def check_device_flag(flag: str) -> None:
+    if not DEVICE_PATTERN.match(flag or ""):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got '{flag}'")
+    if flag.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {flag} requested but CUDA is not available",
+                            "use --device cpu (or auto)")
+        if ":" in flag and int(flag.split(":")[1]) >= torch.cuda.device_count():
+            raise UserError(f"--device {flag}: only {torch.cuda.device_count()} CUDA device(s) "
+                            "visible", "check CUDA_VISIBLE_DEVICES")
+
+
+def check_model_arg(name: str | None, flag: str, what: str) -> None:
+    """A model flag that names a local folder must be a model folder; an 'embedded' alias
+    needs the embedded pair. Hub ids are checked when they are fetched."""
+    if name is None:
+        return
+    if not name.strip():
+        raise UserError(f"{flag} is empty", "give a local model folder, a hub id or 'embedded'")
+    draft = what == "draft"
+    if name in ("embedded", "embedded-draft" if draft else "embedded-target"):
+        folder, rel = (EMBEDDED_DRAFT, "models/tiny-draft") if draft else \
+            (EMBEDDED_TARGET, "models/tiny-target")
+        if not (folder / "config.json").exists():
+            raise UserError(f"{flag} {name}: the embedded tiny {'draft' if draft else 'target'} "
+                            f"is missing ({rel})", "build it with scripts/train_embedded.sh, "
+                            "or pass a model folder or hub id")
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{flag}: {what} directory '{name}' has no config.json",
+                            "point to a Hugging Face model folder")
+        return
+    if path.exists():
+        raise UserError(f"{flag}: {what} path '{name}' is a file, not a model folder")
+    if not looks_like_hub_id(name):
+        raise UserError(f"{flag}: {what} '{name}' does not exist",
+                        "give a local model folder, a hub id like Qwen/Qwen3-4B, or 'embedded'")
+
+
+def local_config(name: str | None, what: str = "draft") -> dict | None:
+    """config.json of a model that is on disk (a folder or an 'embedded' alias), else None."""
+    if not name:
+        return None
+    if name in ("embedded", "embedded-draft" if what == "draft" else "embedded-target"):
+        path = (EMBEDDED_DRAFT if what == "draft" else EMBEDDED_TARGET) / "config.json"
+    else:
+        path = Path(name).expanduser() / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def check_writable(path: str, flag: str) -> None:
-    parent = Path(path).expanduser().resolve().parent
+    """``path`` can be created or replaced: its nearest existing ancestor is a writable
+    folder, no ancestor is a file, and it is not a folder itself. Creates nothing."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty", "give a file path")
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UserError(f"{flag} {path} is a directory", "give a file path")
+    parent = target.resolve().parent
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UserError(f"{flag} {path}: cannot write into {parent}", "choose a writable location")
-    if Path(path).is_dir():
-        raise UserError(f"{flag} {path} is a directory", "give a file path")
+    if not probe.is_dir():
+        raise UserError(f"{flag} {path}: {probe} is a file, not a folder",
+                        "choose a writable location")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write into {probe}", "choose a writable location")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise UserError(f"{flag} {path} is not writable", "choose a writable location")
+
+
+# ----------------------------------------------------------------------------- failures
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA out of memory, or the host allocator giving up."""
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text.lower()
+                                              or "can't allocate memory" in text)
+
+
+def free_memory() -> None:
+    """Give back what a failed unit held (cached CUDA blocks, Python garbage)."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def error_text(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    kind = "out of memory" if is_out_of_memory(err) else type(err).__name__
+    return f"{kind}: {first}" if first else kind
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -99,14 +210,23 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device_flag: str) -> Dist:
-    """Join the torchrun group if launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+def dist_from_env() -> Dist:
+    """This process's place in a torchrun launch, read from the environment (no group yet)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    return Dist(rank=int(os.environ.get("RANK", "0")), world=world,
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(device_flag: str) -> Dist:
+    """Join the torchrun group if launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    d = dist_from_env()
+    if d.world <= 1:
+        return d
     import torch.distributed as dist
 
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local = d.rank, d.world, d.local_rank
     use_cuda = torch.cuda.is_available() and device_flag != "cpu"
     if use_cuda:
         torch.cuda.set_device(local)
@@ -130,11 +250,24 @@ def gather_to_main(obj, d: Dist):
     return out
 
 
-def barrier_and_close(d: Dist) -> None:
+def all_gather(obj, d: Dist) -> list:
+    """Every rank's ``obj`` on every rank (so all ranks agree on how a run ended)."""
+    if d.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    everything = [None] * d.world
+    dist.all_gather_object(everything, obj)
+    return everything
+
+
+def barrier_and_close(d: Dist, barrier: bool = True) -> None:
+    """Leave the torchrun group (after a barrier, unless the run is being interrupted)."""
     if d.world > 1:
         import torch.distributed as dist
         if dist.is_initialized():
-            dist.barrier()
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -161,6 +294,24 @@ def default_model_names(model: str | None, draft: str | None, device: torch.devi
     return model or "embedded", draft or "embedded"
 
 
+def check_no_remote_code(folder: Path, name: str) -> None:
+    """Refuse, in one line, a model that only its own shipped code can load: that code runs
+    only with --trust-remote-code. (A repo with an ``auto_map`` whose architecture
+    Transformers knows loads with the built-in classes; its code is never run.)"""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not cfg.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    if cfg.get("model_type") not in CONFIG_MAPPING:
+        raise UserError(f"model '{name}' needs its own code (auto_map, model_type "
+                        f"'{cfg.get('model_type')}'), which is never run by default",
+                        "pass --trust-remote-code if you trust that repository")
+
+
 @dataclass
 class ModelPair:
     target: torch.nn.Module
@@ -185,6 +336,8 @@ def load_pair(model_name: str, draft_name: str | None, device: torch.device, dty
         raise UserError("the embedded tiny target is missing (models/tiny-target)",
                         "restore it from git, or pass --model-name-or-path")
     folder = resolve_model_dir(model_name, "target model")
+    if not trust_remote_code:
+        check_no_remote_code(folder, model_name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         target = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,

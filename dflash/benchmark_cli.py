@@ -14,16 +14,17 @@ from pathlib import Path
 
 import torch
 
-from . import bench
+from . import bench, runlog
 from .datasets import load_prompts
 from .decoding import SpeculativeDecoder
-from .errors import UserError
+from .draft import resolve_dtype
+from .errors import EXIT_FAILED, CliArgumentParser, UserError
 from .metrics import format_histogram, measure, speedup, summarize
-from .runlog import RunLog, atomic_write_json
+from .runlog import GracefulStop, RunLog, atomic_write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CliArgumentParser(
         prog="benchmark.py",
         description="Benchmark DFlash speculative decoding against autoregressive decoding "
                     "(same engine, after warm-up) on a prompt set.")
@@ -40,23 +41,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_BLOCK_SIZE = 1024
+MAX_WARMUP_RUNS = 100
+
+
 def check_args(args) -> None:
+    """Every flag, before anything is loaded or written (see bench.check_common_args)."""
     bench.check_common_args(args)
-    if args.block_size is not None and args.block_size < 1:
-        raise UserError(f"--block-size must be >= 1, got {args.block_size}")
-    if args.warmup_runs < 0:
-        raise UserError(f"--warmup-runs must be >= 0, got {args.warmup_runs}")
+    if args.block_size is not None and not 1 <= args.block_size <= MAX_BLOCK_SIZE:
+        raise UserError(f"--block-size must be in 1..{MAX_BLOCK_SIZE}, got {args.block_size}"
+                        if args.block_size > 0 else
+                        f"--block-size must be >= 1, got {args.block_size}")
+    if not 0 <= args.warmup_runs <= MAX_WARMUP_RUNS:
+        raise UserError(f"--warmup-runs must be in 0..{MAX_WARMUP_RUNS}, got {args.warmup_runs}")
     if args.block_size == 1 and args.skip_baseline:
         raise UserError("--block-size 1 is the baseline; it cannot be combined with --skip-baseline")
 
 
-def run_config(args, pair, block_size: int) -> dict:
+def run_config(args, model_name: str, draft_name: str | None, dtype, block_size: int | None) -> dict:
+    """What a unit's result depends on; --resume refuses a JSONL recorded with another one."""
     return {"script": "benchmark.py", "dataset": args.dataset, "max_samples": args.max_samples,
-            "model": pair.target_name, "draft": pair.draft_name, "block_size": block_size,
+            "model": model_name, "draft": draft_name, "block_size": block_size,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "seed": args.seed, "dtype": str(pair.dtype).replace("torch.", ""),
+            "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
             "engine": args.engine, "skip_baseline": args.skip_baseline,
             "enable_thinking": args.enable_thinking, "chat_template": not args.no_chat_template}
+
+
+def resolve_models(args, device) -> tuple[str, str]:
+    """Target and draft names after defaults, checked to exist where they are local."""
+    model, draft = bench.default_model_names(args.model_name_or_path, args.draft_name_or_path,
+                                             device, announce=False)
+    for name, given, flag, what in ((model, args.model_name_or_path, "--model-name-or-path",
+                                     "target model"),
+                                    (draft, args.draft_name_or_path, "--draft-name-or-path", "draft")):
+        if given is None and what == "draft" and args.block_size == 1:
+            continue  # the baseline loads no draft
+        if given is None:
+            try:
+                bench.check_model_arg(name, flag, what)
+            except UserError as err:
+                raise UserError(f"no CUDA device, so the default {what} is the embedded tiny one, "
+                                f"which is missing", f"pass {flag}, or build it with "
+                                "scripts/train_embedded.sh") from err
+    return model, draft
+
+
+def default_summary_path(args, block_size) -> str:
+    if args.output_json:
+        return args.output_json
+    if args.save_outputs_path:
+        return str(Path(args.save_outputs_path).with_suffix(".summary.json"))
+    return f"outputs/benchmark_{args.dataset}_b{block_size}.json"
 
 
 def _generate_turns(decoder, pair, prompt, args, block_size, seed, profile):
@@ -91,30 +127,69 @@ def warm_up(decoder, pair, prompts, args, block_size):
                              block_size=b, collect_profile=args.collect_profile)
 
 
+def run_sample(decoder, pair, prompt, args, block_size) -> dict:
+    """One unit: the prompt's baseline and speculative generations, measured."""
+    baseline_only = block_size == 1
+    seed = bench.sample_seed(args.seed, prompt["id"])
+    rec = {"id": prompt["id"], "dataset": args.dataset, "category": prompt["category"]}
+    base = base_texts = spec = None
+    if not args.skip_baseline:
+        base, base_texts = _generate_turns(decoder, pair, prompt, args, 1, seed, False)
+        rec["baseline"] = measure(base)
+    if not baseline_only:
+        spec, texts = _generate_turns(decoder, pair, prompt, args, block_size, seed,
+                                      args.collect_profile)
+        rec["speculative"] = measure(spec, block_size)
+        rec["output_text"] = texts
+        if base is not None and args.temperature == 0:
+            rec["greedy_match"] = [r.output_ids for r in base] == [r.output_ids for r in spec]
+            rec["first_divergence"] = _first_divergence(base, spec)
+    else:
+        rec["output_text"] = base_texts
+    rec["prompt_tokens"] = (spec if spec is not None else base)[0].prompt_len
+    return rec
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    # -- everything below up to init_distributed only reads: a refusal leaves no file behind
+    here = bench.dist_from_env()
+    device = bench.pick_device(args.device, here)
+    model_name, draft_name = resolve_models(args, device)
+    baseline_only = args.block_size == 1
+    draft_used = None if baseline_only else draft_name
+    planned_block = 1 if baseline_only else args.block_size
+    if planned_block is None:
+        cfg = bench.local_config(draft_name, "draft")
+        planned_block = int(cfg.get("block_size", 16)) if cfg is not None else None
+    default_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    planned = run_config(args, model_name, draft_used, resolve_dtype(args.dtype, default_dtype),
+                         planned_block)
+    out_jsonl = args.save_outputs_path
+    if planned_block is not None or args.output_json or out_jsonl:
+        bench.check_writable(default_summary_path(args, planned_block), "summary path")
+    else:
+        bench.check_writable("outputs/benchmark.json", "summary path")
+    runlog.precheck(out_jsonl, planned, args.resume,
+                    unknown=() if planned_block is not None else ("block_size",))
+
     dist = bench.init_distributed(args.device)
-    device = bench.pick_device(args.device, dist)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model_name, draft_name = bench.default_model_names(args.model_name_or_path,
-                                                       args.draft_name_or_path, device,
-                                                       announce=dist.main)
+    if dist.main and device.type != "cuda" and (args.model_name_or_path is None
+                                                or args.draft_name_or_path is None):
+        bench.default_model_names(args.model_name_or_path, args.draft_name_or_path, device)
     prompts, source = load_prompts(args.dataset, args.max_samples,
                                    offline_fallback=args.offline_fallback)
     if dist.main and source != "built-in" and not source.startswith(("cache", "hub")):
         print(f"Prompts of '{args.dataset}' from {source}.", file=sys.stderr)
-    baseline_only = args.block_size == 1
-    pair = bench.load_pair(model_name, None if baseline_only else draft_name, device, args.dtype,
-                           args.trust_remote_code)
+    pair = bench.load_pair(model_name, draft_used, device, args.dtype, args.trust_remote_code)
     block_size = 1 if baseline_only else (args.block_size or pair.draft.block_size)
     torch.manual_seed(args.seed)
-    config = run_config(args, pair, block_size)
+    config = run_config(args, pair.target_name, pair.draft_name, pair.dtype, block_size)
+    out_json = default_summary_path(args, block_size)
 
-    out_jsonl = args.save_outputs_path
-    out_json = args.output_json or (str(Path(out_jsonl).with_suffix(".summary.json")) if out_jsonl
-                                    else f"outputs/benchmark_{args.dataset}_b{block_size}.json")
     log = None
     if out_jsonl:
         log = RunLog(out_jsonl, config, resume=args.resume, write_header=dist.main)
@@ -124,69 +199,72 @@ def main(argv=None) -> int:
     mine = prompts[dist.rank::dist.world]
     todo = [p for p in mine if not (log and p["id"] in log.done)]
     records = [log.done[p["id"]] for p in mine if log and p["id"] in log.done]
+    resumed = len(records)
+    if resumed and dist.main:
+        print(f"resuming: {resumed} finished sample(s) kept from {out_jsonl}"
+              + (f", {len(log.failed)} failed one(s) retried" if log.failed else ""),
+              file=sys.stderr)
 
     decoder = SpeculativeDecoder(pair.target, pair.draft, engine=args.engine)
-    warm_up(decoder, pair, todo or mine, args, block_size)
-
-    stop = {"signal": None}
-
-    def on_term(signum, _frame):
-        stop["signal"] = signum
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    interrupted = False
+    failure = None  # (sample id, exception) that stopped the run
     progress = _progress(len(mine), len(records), dist)
-    try:
-        for prompt in todo:
-            seed = bench.sample_seed(args.seed, prompt["id"])
-            rec = {"id": prompt["id"], "dataset": args.dataset, "category": prompt["category"],
-                   "rank": dist.rank}
-            try:
-                base_texts = None
-                if not args.skip_baseline:
-                    base, base_texts = _generate_turns(decoder, pair, prompt, args, 1, seed, False)
-                    rec["baseline"] = measure(base)
-                if not baseline_only:
-                    spec, texts = _generate_turns(decoder, pair, prompt, args, block_size, seed,
-                                                  args.collect_profile)
-                    rec["speculative"] = measure(spec, block_size)
-                    rec["output_text"] = texts
-                    if base_texts is not None and args.temperature == 0:
-                        rec["greedy_match"] = [r.output_ids for r in base] == [r.output_ids for r in spec]
-                        rec["first_divergence"] = _first_divergence(base, spec)
-                else:
-                    rec["output_text"] = base_texts
-                rec["prompt_tokens"] = (spec if not baseline_only else base)[0].prompt_len
-            except torch.cuda.OutOfMemoryError as err:
-                if not args.continue_on_error:
-                    raise UserError(f"out of memory on sample {prompt['id']}",
-                                    "lower --max-new-tokens, or pass --continue-on-error") from err
-                torch.cuda.empty_cache()
-                rec["error"] = f"out of memory: {str(err).splitlines()[0]}"
-            if log:
-                log.add(rec)
-            records.append(rec)
-            progress.update(1)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        progress.close()
+    with GracefulStop() as stop:
+        try:
+            warm_up(decoder, pair, todo or mine, args, block_size)
+            for prompt in todo:
+                if stop.requested:
+                    break
+                try:
+                    rec = run_sample(decoder, pair, prompt, args, block_size)
+                except Exception as err:  # noqa: BLE001 - a failed unit is recorded, not lost
+                    bench.free_memory()
+                    rec = {"id": prompt["id"], "dataset": args.dataset,
+                           "category": prompt["category"], "error": bench.error_text(err)}
+                    if not args.continue_on_error:
+                        failure = (prompt["id"], err)
+                rec["rank"] = dist.rank
+                with stop.committing():
+                    if log:
+                        log.add(rec)
+                    records.append(rec)
+                    progress.update(1)
+                if failure:
+                    break
+        except KeyboardInterrupt:  # the unit in progress is dropped
+            stop.note(signal.SIGINT)
+        finally:
+            progress.close()
+        stop.disarm()
 
-    gathered = bench.gather_to_main(records, dist)
-    code = 0
-    if dist.main:
-        every = [r for part in gathered for r in part]
-        order = {p["id"]: i for i, p in enumerate(prompts)}
-        every.sort(key=lambda r: order.get(r["id"], 0))
-        summary = build_summary(args, config, every, device, source, dist.world, interrupted)
-        atomic_write_json(out_json, summary)
-        print_summary(summary, out_json)
-        if interrupted:
-            code = 143 if stop["signal"] == signal.SIGTERM else 130
-    if not interrupted:
-        bench.barrier_and_close(dist)
-    return code
+        status = {"records": records, "signal": stop.signum, "failed": failure is not None,
+                  "resumed": resumed, "ignored": log.ignored_lines if log else 0}
+        everyone = bench.all_gather(status, dist)
+        for part in everyone:
+            if part["signal"] is not None:
+                stop.note(part["signal"])
+        if dist.main:
+            every = [r for part in everyone for r in part["records"]]
+            order = {p["id"]: i for i, p in enumerate(prompts)}
+            every.sort(key=lambda r: order.get(r["id"], 0))
+            summary = build_summary(args, config, every, device, source, dist.world,
+                                    expected=len(prompts), interrupted_by=stop.signal_name,
+                                    stopped_on_error=any(p["failed"] for p in everyone),
+                                    resumed=sum(p["resumed"] for p in everyone),
+                                    ignored_lines=everyone[0]["ignored"])
+            atomic_write_json(out_json, summary)
+            print_summary(summary, out_json)
+        bench.barrier_and_close(dist, barrier=not stop.requested)
+    if failure is not None:
+        sample_id, err = failure
+        if bench.is_out_of_memory(err):
+            raise UserError(f"out of memory on sample {sample_id}; the summary covers the "
+                            "samples before it",
+                            "lower --max-new-tokens, or pass --continue-on-error",
+                            exit_code=EXIT_FAILED) from err
+        raise err
+    if any(p["failed"] for p in everyone):
+        return EXIT_FAILED
+    return stop.exit_code()
 
 
 def _first_divergence(base, spec):
@@ -199,7 +277,9 @@ def _first_divergence(base, spec):
     return None
 
 
-def build_summary(args, config, records, device, source, world, interrupted) -> dict:
+def build_summary(args, config, records, device, source, world, *, expected: int,
+                  interrupted_by: str | None = None, stopped_on_error: bool = False,
+                  resumed: int = 0, ignored_lines: int = 0) -> dict:
     ok = [r for r in records if "error" not in r]
     base = summarize([r.get("baseline") for r in ok])
     spec = summarize([r.get("speculative") for r in ok])
@@ -208,24 +288,26 @@ def build_summary(args, config, records, device, source, world, interrupted) -> 
         "config": config,
         "dataset_source": source,
         "world_size": world,
-        "complete": not interrupted and len(records) == _expected(args, records),
+        "complete": interrupted_by is None and not stopped_on_error and len(records) == expected,
+        "interrupted_by": interrupted_by,
+        "stopped_on_error": stopped_on_error,
+        "samples_expected": expected,
         "samples_done": len(records),
         "samples_failed": len(records) - len(ok),
+        "samples_resumed": resumed,
+        "jsonl_ignored_lines": ignored_lines,
         "sample_ids": [r["id"] for r in records],
         "baseline": base,
         "speculative": spec,
         "speedup": speedup(base, spec),
-        "wall_speedup": (base["total_wall_s"] / spec["total_wall_s"]) if base and spec else None,
+        "wall_speedup": (base["total_wall_s"] / spec["total_wall_s"])
+        if base and spec and spec["total_wall_s"] > 0 else None,
         "greedy_match_rate": sum(matches) / len(matches) if matches else None,
         "environment": bench.environment_info(device),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "per_sample": [{k: v for k, v in r.items() if k != "output_text"} for r in records],
     }
     return summary
-
-
-def _expected(args, records):
-    return len(records) if args.max_samples is None else min(args.max_samples, 10**9)
 
 
 def _progress(total, done, dist):
@@ -283,7 +365,12 @@ def print_summary(s: dict, path: str) -> None:
         lines.append(f"greedy outputs identical to baseline: {100 * s['greedy_match_rate']:.0f}% of samples")
     if s["samples_failed"]:
         lines.append(f"failed samples: {s['samples_failed']}")
-    if not s["complete"]:
-        lines.append("run interrupted: summary covers the finished samples only (rerun with --resume)")
+    if s.get("interrupted_by"):
+        lines.append(f"run interrupted ({s['interrupted_by']}): summary covers the "
+                     f"{s['samples_done']} finished samples of {s['samples_expected']} "
+                     "(rerun with --resume)")
+    elif not s["complete"]:
+        lines.append(f"run incomplete: {s['samples_done']} of {s['samples_expected']} samples "
+                     "(rerun with --resume)")
     lines.append(f"results: {path}")
     print("\n".join(lines))

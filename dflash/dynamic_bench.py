@@ -20,9 +20,9 @@ import torch
 from . import bench
 from .datasets import load_prompts
 from .decoding import SpeculativeDecoder
-from .errors import UserError
+from .errors import EXIT_FAILED, CliArgumentParser, UserError
 from .metrics import format_histogram, measure, speedup, summarize
-from .runlog import RunLog, atomic_write_json
+from .runlog import GracefulStop, RunLog, atomic_write_json
 from .scheduler import POLICIES, CostModelScheduler, EWMAScheduler, parse_candidates
 
 SCRIPT = "benchmark_dynamic_schedule.py"
@@ -43,7 +43,7 @@ COSTMODEL_SHARED = ("switch_margin", "required_streak", "probe_interval")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CliArgumentParser(
         prog=SCRIPT,
         description="Benchmark a dynamic DFlash block-size scheduler against autoregressive "
                     "decoding and, with --compare-static, against every candidate block size.")
@@ -281,54 +281,69 @@ def main(argv=None) -> int:
 
     decoder = SpeculativeDecoder(pair.target, pair.draft, engine=args.engine)
     policy = make_policy(args, candidates)
-    if todo or mine:
-        warm_up(decoder, pair, (todo or mine)[0], args, candidates, policy)
+    resumed = len(records)
+    failure = None  # (sample id, exception) that stopped the run
+    with GracefulStop() as stop:  # SIGINT/SIGTERM: drop the unit in progress, keep the rest
+        try:
+            if todo or mine:
+                warm_up(decoder, pair, (todo or mine)[0], args, candidates, policy)
+            for prompt in todo:
+                if stop.requested:
+                    break
+                try:
+                    rec = run_sample(decoder, pair, prompt, args, candidates, policy)
+                except Exception as err:  # noqa: BLE001 - a failed unit is recorded, not lost
+                    bench.free_memory()
+                    rec = {"id": prompt["id"], "dataset": args.dataset,
+                           "category": prompt["category"], "error": bench.error_text(err)}
+                    if not args.continue_on_error:
+                        failure = (prompt["id"], err)
+                rec["rank"] = dist.rank
+                with stop.committing():
+                    if log:
+                        log.add(rec)
+                    records.append(rec)
+                if dist.main and args.verbose:
+                    d = rec.get("dynamic") or {}
+                    print(f"[{len(records)}/{len(mine)}] {prompt['id']}: tau "
+                          f"{d.get('tau', 0):.2f}, blocks {d.get('block_counts')}",
+                          file=sys.stderr)
+                if failure:
+                    break
+        except KeyboardInterrupt:  # the unit in progress is dropped
+            stop.note(signal.SIGINT)
+        stop.disarm()
 
-    stop = {"signal": None}
-
-    def on_term(signum, _frame):
-        stop["signal"] = signum
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    interrupted = False
-    try:
-        for i, prompt in enumerate(todo):
-            try:
-                rec = run_sample(decoder, pair, prompt, args, candidates, policy)
-            except torch.cuda.OutOfMemoryError as err:
-                if not args.continue_on_error:
-                    raise UserError(f"out of memory on sample {prompt['id']}",
-                                    "lower --max-new-tokens, or pass --continue-on-error") from err
-                torch.cuda.empty_cache()
-                rec = {"id": prompt["id"], "dataset": args.dataset, "category": prompt["category"],
-                       "error": f"out of memory: {str(err).splitlines()[0]}"}
-            rec["rank"] = dist.rank
-            if log:
-                log.add(rec)
-            records.append(rec)
-            if dist.main and args.verbose:
-                d = rec.get("dynamic") or {}
-                print(f"[{len(records)}/{len(mine)}] {prompt['id']}: tau {d.get('tau', 0):.2f}, "
-                      f"blocks {d.get('block_counts')}", file=sys.stderr)
-    except KeyboardInterrupt:
-        interrupted = True
-
-    gathered = bench.gather_to_main(records, dist)
-    code = 0
-    if dist.main:
-        every = [r for part in gathered for r in part]
-        order = {p["id"]: i for i, p in enumerate(prompts)}
-        every.sort(key=lambda r: order.get(r["id"], 0))
-        summary = build_summary(args, config, every, candidates, device, source, dist.world,
-                                interrupted, len(prompts))
-        atomic_write_json(out_json, summary)
-        print(format_summary(summary, out_json))
-        if interrupted:
-            code = 143 if stop["signal"] == signal.SIGTERM else 130
-    if not interrupted:
-        bench.barrier_and_close(dist)
-    return code
+        everyone = bench.all_gather({"records": records, "signal": stop.signum,
+                                     "failed": failure is not None, "resumed": resumed}, dist)
+        for part in everyone:
+            if part["signal"] is not None:
+                stop.note(part["signal"])
+        stopped_on_error = any(part["failed"] for part in everyone)
+        if dist.main:
+            every = [r for part in everyone for r in part["records"]]
+            order = {p["id"]: i for i, p in enumerate(prompts)}
+            every.sort(key=lambda r: order.get(r["id"], 0))
+            summary = build_summary(args, config, every, candidates, device, source, dist.world,
+                                    stop.requested or stopped_on_error, len(prompts))
+            summary["interrupted_by"] = stop.signal_name
+            summary["stopped_on_error"] = stopped_on_error
+            summary["samples_expected"] = len(prompts)
+            summary["samples_resumed"] = sum(part["resumed"] for part in everyone)
+            atomic_write_json(out_json, summary)
+            print(format_summary(summary, out_json))
+        bench.barrier_and_close(dist, barrier=not stop.requested)
+    if failure is not None:
+        sample_id, err = failure
+        if bench.is_out_of_memory(err):
+            raise UserError(f"out of memory on sample {sample_id}; the summary covers the "
+                            "samples before it",
+                            "lower --max-new-tokens, or pass --continue-on-error",
+                            exit_code=EXIT_FAILED) from err
+        raise err
+    if stopped_on_error:
+        return EXIT_FAILED
+    return stop.exit_code()
 
 
 # ----------------------------------------------------------------------------- reporting

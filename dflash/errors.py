@@ -2,37 +2,82 @@
 
 Scripts wrap their ``main`` with :func:`run_cli`; library code raises :class:`UserError` for
 anything the user can fix (bad flag, missing model, unknown dataset, port in use...).
+
+Exit codes shared by every CLI:
+
+    0    success
+    1    the run failed (out of memory without --continue-on-error, a server that died, a bug)
+    2    bad input: a flag, a path, a dataset name, a configuration mismatch on --resume
+    130  interrupted by SIGINT (Ctrl-C): the summary of the finished units was written
+    143  terminated by SIGTERM: the summary of the finished units was written
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
 
 
 class UserError(Exception):
     """An error the user can fix. Printed as one line, no traceback."""
 
-    def __init__(self, message: str, hint: str | None = None, exit_code: int = 2):
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = EXIT_USAGE):
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.exit_code = exit_code
 
     def one_line(self) -> str:
-        text = self.message.strip().replace("\n", " ")
+        text = " ".join(self.message.split())
         if self.hint:
-            text += f" ({self.hint.strip()})"
+            text += f" ({' '.join(self.hint.split())})"
         return text
+
+
+class CliArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are :class:`UserError` (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(message, f"see {self.prog} --help")
 
 
 def _verbose_requested(argv: Sequence[str]) -> bool:
     return "--verbose" in argv or os.environ.get("DFLASH_VERBOSE") == "1"
 
 
-def fail(message: str, hint: str | None = None, exit_code: int = 2) -> None:
+def fail(message: str, hint: str | None = None, exit_code: int = EXIT_USAGE) -> None:
     raise UserError(message, hint, exit_code)
+
+
+@contextlib.contextmanager
+def one_line_argparse_errors() -> Iterator[None]:
+    """While active, a plain ``argparse.ArgumentParser`` raises UserError instead of printing
+    its usage block and exiting, so every CLI's bad flags read the same (parsers that define
+    their own ``error`` keep it)."""
+    original = argparse.ArgumentParser.error
+
+    def error(self, message):
+        raise UserError(message, f"see {self.prog} --help")
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
@@ -43,22 +88,24 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     """
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = _verbose_requested(args)
-    prog = os.path.basename(sys.argv[0]) or "dflash"
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "dflash"
     try:
-        code = main(args)
+        with one_line_argparse_errors():
+            code = main(args)
     except UserError as err:
         if verbose:
             traceback.print_exc()
         print(f"{prog}: error: {err.one_line()}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
+        if verbose:
+            traceback.print_exc()
         print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_SIGINT)
     except Exception as err:  # noqa: BLE001 - last-resort boundary of a CLI
         if verbose:
             traceback.print_exc()
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"{prog}: error: {type(err).__name__}: {msg} (rerun with --verbose for the traceback)",
-              file=sys.stderr)
-        sys.exit(1)
+        print(f"{prog}: error: {type(err).__name__}: {_first_line(err)} "
+              "(rerun with --verbose for the traceback)", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
     sys.exit(int(code or 0))
