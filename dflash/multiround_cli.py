@@ -22,16 +22,16 @@ import torch
 from . import bench
 from .datasets import load_prompts
 from .decoding import SpeculativeDecoder
-from .errors import UserError
+from .errors import EXIT_FAILED, CliArgumentParser, UserError
 from .metrics import measure, speedup, summarize
 from .multiround import MultiRoundDecoder
-from .runlog import RunLog, atomic_write_json
+from .runlog import GracefulStop, RunLog, atomic_write_json
 
 SCRIPT = "benchmark_multiround_spec.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CliArgumentParser(
         prog=SCRIPT,
         description="Compare multi-round exact speculative sampling with single-round speculative "
                     "sampling and target-only sampling on the same samples.")
@@ -205,54 +205,69 @@ def main(argv=None) -> int:
     log = RunLog(out_jsonl, config, resume=args.resume) if out_jsonl else None
     todo = [p for p in prompts if not (log and p["id"] in log.done)]
     records = [log.done[p["id"]] for p in prompts if log and p["id"] in log.done]
-    if args.verbose and records:
-        print(f"resuming: {len(records)} samples already recorded", file=sys.stderr)
-    warm_up(methods, pair, todo or prompts, args)
+    if records:
+        print(f"resuming: {len(records)} finished sample(s) kept from {out_jsonl}"
+              + (f", {len(log.failed)} failed one(s) retried" if log.failed else ""),
+              file=sys.stderr)
 
-    stop = {"signal": None}
+    failure = None  # (sample id, exception) that stopped the run
+    with GracefulStop() as stop:
+        try:
+            warm_up(methods, pair, todo or prompts, args)
+            for n, prompt in enumerate(todo, start=1):
+                if stop.requested:
+                    break
+                try:
+                    rec = run_sample(methods, pair, prompt, args)
+                except Exception as err:  # noqa: BLE001 - a failed sample is recorded, not lost
+                    bench.free_memory()
+                    rec = {"id": prompt["id"], "dataset": args.dataset,
+                           "category": prompt["category"], "error": bench.error_text(err)}
+                    if not args.continue_on_error:
+                        failure = (prompt["id"], err)
+                with stop.committing():
+                    if log:
+                        log.add(rec)
+                    records.append(rec)
+                if args.verbose and "error" not in rec:
+                    print(f"[{n}/{len(todo)}] {prompt['id']}: " + ", ".join(
+                        f"{m} {rec[m]['tokens_per_target_pass']:.2f} tok/pass" for m in methods),
+                        file=sys.stderr)
+                if failure:
+                    break
+        except KeyboardInterrupt:  # the sample in progress is dropped
+            stop.note(signal.SIGINT)
+        stop.disarm()
+        order = {p["id"]: i for i, p in enumerate(prompts)}
+        records.sort(key=lambda r: order.get(r["id"], 0))
+        summary = build_summary(args, config, records, methods, device, source,
+                                stop.requested or failure is not None, len(prompts))
+        atomic_write_json(out_json, summary)
+        print_summary(summary, out_json)
+    if failure is not None:
+        sample_id, err = failure
+        if bench.is_out_of_memory(err):
+            raise UserError(f"out of memory on sample {sample_id}; the summary covers the "
+                            "samples before it",
+                            "lower --max-new-tokens, or pass --continue-on-error",
+                            exit_code=EXIT_FAILED) from err
+        raise err
+    if any("error" in r for r in records):
+        return EXIT_FAILED
+    return stop.exit_code()
 
-    def on_term(signum, _frame):
-        stop["signal"] = signum
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
-    interrupted = False
-    try:
-        for n, prompt in enumerate(todo, start=1):
-            seed = bench.sample_seed(args.seed, prompt["id"])
-            rec = {"id": prompt["id"], "dataset": args.dataset, "category": prompt["category"],
-                   "seed": seed, "outputs": {}}
-            try:
-                for name, (fn, max_block) in methods.items():
-                    results, texts = _generate_turns(fn, pair, prompt, args, seed)
-                    rec[name] = measure_method(results, max_block)
-                    rec["outputs"][name] = texts
-                    rec["prompt_tokens"] = results[0].prompt_len
-            except torch.cuda.OutOfMemoryError as err:
-                if not args.continue_on_error:
-                    raise UserError(f"out of memory on sample {prompt['id']}",
-                                    "lower --max-new-tokens, or pass --continue-on-error") from err
-                torch.cuda.empty_cache()
-                rec["error"] = f"out of memory: {str(err).splitlines()[0]}"
-            if log:
-                log.add(rec)
-            records.append(rec)
-            if args.verbose:
-                print(f"[{n}/{len(todo)}] {prompt['id']}: " + ", ".join(
-                    f"{m} {rec[m]['tokens_per_target_pass']:.2f} tok/pass"
-                    for m in methods if m in rec), file=sys.stderr)
-    except KeyboardInterrupt:
-        interrupted = True
-
-    order = {p["id"]: i for i, p in enumerate(prompts)}
-    records.sort(key=lambda r: order.get(r["id"], 0))
-    summary = build_summary(args, config, records, methods, device, source, interrupted,
-                            len(prompts))
-    atomic_write_json(out_json, summary)
-    print_summary(summary, out_json)
-    if interrupted:
-        return 143 if stop["signal"] == signal.SIGTERM else 130
-    return 0
+def run_sample(methods, pair, prompt, args) -> dict:
+    """Every method on one prompt, same per-sample seed for each."""
+    seed = bench.sample_seed(args.seed, prompt["id"])
+    rec = {"id": prompt["id"], "dataset": args.dataset, "category": prompt["category"],
+           "seed": seed, "outputs": {}}
+    for name, (fn, max_block) in methods.items():
+        results, texts = _generate_turns(fn, pair, prompt, args, seed)
+        rec[name] = measure_method(results, max_block)
+        rec["outputs"][name] = texts
+        rec["prompt_tokens"] = results[0].prompt_len
+    return rec
 
 
 def build_summary(args, config, records, methods, device, source, interrupted, expected) -> dict:
@@ -325,6 +340,7 @@ def print_summary(s: dict, path: str) -> None:
     if s["samples_failed"]:
         lines.append(f"failed samples: {s['samples_failed']}")
     if not s["complete"]:
-        lines.append("run interrupted: summary covers the finished samples only (rerun with --resume)")
+        lines.append("run incomplete: the summary covers the finished samples only "
+                     "(rerun with --resume)")
     lines.append(f"results: {path}")
     print("\n".join(lines))
