@@ -40,9 +40,9 @@ def _env():
     return env
 
 
-def _models(toy_pair) -> list[str]:
-    """The embedded pair when it is built, else the random toy pair."""
-    if EMBEDDED:
+def _models(toy_pair, embedded_if_built: bool = False) -> list[str]:
+    """The random toy pair, or the embedded pair when asked for and built."""
+    if embedded_if_built and EMBEDDED:
         return ["--model-name-or-path", "embedded", "--draft-name-or-path", "embedded"]
     target, draft = toy_pair
     return ["--model-name-or-path", str(target), "--draft-name-or-path", str(draft)]
@@ -109,7 +109,8 @@ def _unit_view(rec: dict) -> dict:
 
 # ----------------------------------------------------------------------------- (1) kill + resume
 def test_sigkill_then_resume_equals_uninterrupted_run(toy_pair, tmp_path):
-    common = ["benchmark.py", "--dataset", "builtin-chat", "--max-samples", "6", *_models(toy_pair),
+    common = ["benchmark.py", "--dataset", "builtin-chat", "--max-samples", "6",
+              *_models(toy_pair, embedded_if_built=True),
               "--max-new-tokens", "32", "--block-size", "4", "--temperature", "0.9",
               "--seed", "7", "--warmup-runs", "0"]
     full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
