@@ -596,6 +596,7 @@ def decode_check(target, draft, tokenizer, prompt_sets: list[str], *, n_prompts=
     for name in prompt_sets:
         rows, source = load_prompts(name, n_prompts)
         taus, cycles, lossless, outputs, t_spec, t_plain = [], 0, True, [], 0.0, 0.0
+        per_prompt = []
         for row in rows:
             ids = torch.tensor(encode_prompt(tokenizer, {"turns": row["turns"][:1]}), device=dev)
             r1 = spec.generate(ids, max_new_tokens=max_new_tokens, block_size=block_size,
@@ -604,17 +605,42 @@ def decode_check(target, draft, tokenizer, prompt_sets: list[str], *, n_prompts=
                                 stop_token_ids=stops)
             lossless &= r1.output_ids == r0.output_ids
             taus += [c.tau for c in r1.cycles]
+            per_prompt.append(r1.mean_tau)
             cycles += len(r1.cycles)
             outputs.append(r0.output_ids)
             t_spec += r1.total_s
             t_plain += r0.total_s
         out[name] = {"prompts": len(rows), "source": source, "cycles": cycles,
                      "mean_tau": round(sum(taus) / max(1, len(taus)), 3),
+                     "mean_tau_per_prompt": round(sum(per_prompt) / max(1, len(per_prompt)), 3),
+                     "tau_by_prompt": [round(t, 3) for t in per_prompt],
                      "lossless": bool(lossless), "spec_s": round(t_spec, 2),
                      "plain_s": round(t_plain, 2), **continuation_stats(outputs)}
         log(f"decode {name}: mean tau {out[name]['mean_tau']} over {cycles} cycles, "
             f"lossless {lossless}, distinct-4 {out[name]['distinct_4_mean']}, "
             f"loop-free {out[name]['loop_free_share']}")
+    return out
+
+
+def greedy_stats(target, tokenizer, prompt_sets: list[str], *, n_prompts=None,
+                 max_new_tokens=128, batch_size=64, log=print) -> dict:
+    """Non-degeneracy of the target's greedy continuations on prompt sets (batched)."""
+    from .datasets import load_prompts
+
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = {}
+    for name in prompt_sets:
+        rows, _ = load_prompts(name, n_prompts)
+        prompts = [encode_prompt(tokenizer, {"turns": r["turns"][:1]}) for r in rows]
+        conts = greedy_continue(target, prompts, max_new_tokens, stop_ids=stops, pad_id=pad,
+                                batch_size=batch_size, log=lambda *_: None)
+        out[name] = continuation_stats(conts)
+        out[name]["ended_with_eos"] = sum(1 for c in conts if c and c[-1] in stops)
+        out[name]["mean_length"] = round(sum(map(len, conts)) / max(1, len(conts)), 1)
+        out[name]["examples"] = [tokenizer.decode(c) for c in conts[:2]]
+        log(f"greedy {name}: {out[name]['continuations']} prompts, distinct-4 "
+            f"{out[name]['distinct_4_mean']}, loop-free {out[name]['loop_free_share']}")
     return out
 
 
@@ -689,6 +715,9 @@ def main(argv=None) -> int:
     e.add_argument("--decode", nargs="*", default=[],
                    help="prompt sets for the real decoding loop (builtin-code, humaneval, ...)")
     e.add_argument("--n-prompts", type=int, default=8)
+    e.add_argument("--greedy-stats", nargs="*", default=[],
+                   help="prompt sets for the non-degeneracy stats of the target's greedy "
+                        "continuations (all prompts of each set, batched)")
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", default=None, help="write the results here")
@@ -743,6 +772,9 @@ def main(argv=None) -> int:
             res["decode"] = decode_check(target, draft, tok, args.decode, n_prompts=args.n_prompts,
                                          max_new_tokens=args.max_new_tokens,
                                          block_size=draft.block_size)
+        if args.greedy_stats:
+            res["greedy_stats"] = greedy_stats(target, tok, args.greedy_stats,
+                                               max_new_tokens=args.max_new_tokens)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
         else:

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The exact GPU run that built models/tiny-target and models/tiny-draft (one GPU, ~8 minutes).
+# The GPU run that builds the embedded pair end to end (one GPU, 4-8 minutes):
 #
 #   OUT=/some/folder bash scripts/train_embedded.sh [extra make_embedded options]
+#
+# The committed pair came from two such runs on an H100 (see the model cards):
+#   models/tiny-target: OUT=$OUT PYTHON=python3 bash scripts/train_embedded.sh
+#   models/tiny-draft:  OUT=$OUT PYTHON=python3 bash scripts/train_embedded.sh \
+#                         --target-from outputs/train_in/tiny-target --deadline 420 --eval-reserve 70
 #
 # Run from the repository root on a machine with a CUDA GPU and a Python that has torch,
 # transformers, tokenizers, safetensors and tqdm (its library folders are the code corpus).

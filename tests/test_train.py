@@ -228,3 +228,29 @@ def test_cli_trains_saves_reloads_and_decodes_losslessly(tmp_path):
         r1 = spec.generate(ids, max_new_tokens=30, block_size=8, stop_token_ids=[tok.eos_token_id])
         r0 = plain.generate(ids, max_new_tokens=30, block_size=1, stop_token_ids=[tok.eos_token_id])
         assert r1.output_ids == r0.output_ids
+
+
+def test_embedded_pair_fits_together():
+    """The committed pair: within 25 MB, eos/mask ids consistent, chat template usable."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dflash.hub import EMBEDDED_DRAFT, EMBEDDED_TARGET
+
+    if not (EMBEDDED_TARGET / "model.safetensors").exists():
+        pytest.skip("embedded pair not present")
+    weights = sum(f.stat().st_size for d in (EMBEDDED_TARGET, EMBEDDED_DRAFT)
+                  for f in d.iterdir() if f.is_file())
+    assert weights <= 25_000_000
+    tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
+    cfg = AutoConfig.from_pretrained(str(EMBEDDED_TARGET))
+    dcfg = json.loads((EMBEDDED_DRAFT / "config.json").read_text())
+    assert cfg.eos_token_id == tok.eos_token_id and tok.pad_token_id is not None
+    assert dcfg["dflash_config"]["mask_token_id"] == tok.convert_tokens_to_ids("<|mask|>")
+    assert dcfg["block_size"] == 16 and dcfg["num_target_layers"] == cfg.num_hidden_layers
+    code = 'def f(x):\n    """Return x."""\n'
+    text = tok.apply_chat_template([{"role": "user", "content": code}], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=False)
+    assert text == code
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=False)
+    assert text == "Hi?\n"
