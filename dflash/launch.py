@@ -224,6 +224,7 @@ class Run:
     summary: dict | None = None
     status: str = "not run"
     error: str | None = None
+    log_offset: int = 0         # where this attempt's output starts in the log (RESUME appends)
 
 
 @dataclass
@@ -447,13 +448,20 @@ def _check_embedded(plan: Plan) -> None:
                             "restore it from git, or set MODEL= and DRAFT= to model folders")
 
 
-def _error_line(log_path: Path) -> str | None:
-    """benchmark.py's one-line error from a log, else its last non-empty line."""
+def _error_line(log_path: Path, offset: int = 0) -> str | None:
+    """benchmark.py's one-line error from a log, else its last non-empty line.
+
+    Only what this attempt wrote (from ``offset``: with RESUME=1 the log is appended to) and
+    never the ``$ command`` line the launcher writes first (its ``--continue-on-error`` would
+    look like an error)."""
     try:
-        text = log_path.read_text(encoding="utf-8", errors="replace")
+        with open(log_path, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return None
-    lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", text)
+             if ln.strip() and not ln.startswith("$ ")]
     for ln in reversed(lines):
         if re.search(r"benchmark\.py: error: ", ln):
             return ln[ln.index("benchmark.py: error: "):]
@@ -484,6 +492,7 @@ def execute(run: Run, plan: Plan, env: Mapping[str, str] | None = None) -> None:
     out = sys.stdout.buffer
     mode = "ab" if plan.resume else "wb"
     with open(run.log_path, mode) as log:
+        run.log_offset = log.tell()
         log.write(f"$ {shlex.join(run.cmd)}\n".encode())
         log.flush()
         try:
@@ -544,9 +553,27 @@ def _judge(run: Run, start: float) -> None:
         run.status, run.error = "interrupted", f"exit status {rc}"
     else:
         run.status = "failed"
-        run.error = _error_line(run.log_path) or f"exit status {rc}"
+        run.error = _error_line(run.log_path, run.log_offset) or f"exit status {rc}"
+        if rc is not None and rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            run.error = f"killed by {name} (exit status {rc}" + \
+                (": kill -9 or out of memory)" if -rc == signal.SIGKILL else ")")
         if rc == 0:
             run.error = "finished without writing its summary JSON " + _display(run.json_path, REPO)
+
+
+def wrapper_hint(run: Run) -> str | None:
+    """benchmark.py's hints name its flags; a failure to reach a hub model also gets the
+    wrappers' way to say the same."""
+    if run.status == "failed" and run.error and "cannot be reached on the Hugging Face hub" \
+            in run.error:
+        return ("hint: set MODEL=/local/target/folder DRAFT=/local/draft/folder, or "
+                "MODEL=embedded DRAFT=embedded (the default without CUDA) for the embedded "
+                "tiny pair")
+    return None
 
 
 def failed(run: Run) -> bool:
@@ -689,6 +716,13 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _pair_name(model, draft) -> str:
+    """'embedded' + 'embedded' -> the folders it stands for."""
+    if model == draft == "embedded":
+        return "embedded pair: models/tiny-target + models/tiny-draft"
+    return f"{model} + {draft}"
+
+
 def sweep_plot(rows: list[dict], path: Path) -> bool:
     """speedup and tau against block size (one sweep). False when there is nothing to plot."""
     good = sorted((r for r in rows if r["status"] in ("ok", "partial") and
@@ -716,7 +750,7 @@ def sweep_plot(rows: list[dict], path: Path) -> bool:
                     and r["block_size"] != 1]
     title = (f"{first['dataset']} ({first['samples_done']} samples, {first['max_new_tokens']} "
              f"tokens, T={first['temperature']}) on {first['gpu_name']}\n"
-             f"{first['model']} + {first['draft']}"
+             f"{_pair_name(first['model'], first['draft'])}"
              + (" (shared baseline)" if first["baseline_source"] == "shared baseline" else ""))
     if failed_sizes:
         title += f"\nfailed: block size {', '.join(failed_sizes)}"
@@ -795,6 +829,9 @@ def main(argv=None) -> int:
             if run.error:
                 msg += f" -- {run.error}"
             print(msg, file=sys.stderr)
+            hint = wrapper_hint(run)
+            if hint:
+                print(f"[{i}/{total}] {hint}", file=sys.stderr)
             if failed(run):
                 first_failure = first_failure or run
                 if run.status == "interrupted":

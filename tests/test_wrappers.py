@@ -370,3 +370,42 @@ def test_every_variable_is_documented():
     text = (REPO / "docs" / "WRAPPERS.md").read_text()
     for var in set(launch.BENCHMARK_VARS) | set(launch.SWEEP_VARS):
         assert f"`{var}`" in text, var
+
+
+def test_failed_run_error_line(tmp_path):
+    """The error column: benchmark.py's error line of this attempt, never the '$ command' line
+    (whose --continue-on-error looks like an error); a signal is named."""
+    p = plan("sweep", NPROC=1, MODEL="m", DRAFT="d", DATASET="builtin-chat", BLOCK_SIZES="4",
+             LOG_DIR=tmp_path)
+    (run,) = p.runs
+    run.log_path.parent.mkdir(parents=True)
+    cmd_line = f"$ {shlex.join(run.cmd)}\n"
+    assert "--continue-on-error" in cmd_line
+    # killed before printing anything: the signal, not the command line
+    run.log_path.write_text(cmd_line)
+    run.returncode = -9
+    launch._judge(run, 0.0)
+    assert run.status == "failed" and run.error.startswith("killed by SIGKILL (exit status -9")
+    run.returncode = 1
+    launch._judge(run, 0.0)
+    assert run.error == "exit status 1"
+    # a resumed (appended) log: only the new attempt's lines count
+    old = cmd_line + "benchmark.py: error: an old failure\n"
+    run.log_path.write_text(old + cmd_line + "samples: 50%\rTraceback ...\nValueError: new one\n")
+    run.log_offset = len(old.encode())
+    launch._judge(run, 0.0)
+    assert run.error == "ValueError: new one"
+    run.log_offset = 0
+    launch._judge(run, 0.0)
+    assert run.error == "benchmark.py: error: an old failure"
+
+
+def test_hub_model_failure_gets_a_wrapper_hint():
+    run = plan(NPROC=1, TASKS="aime25:1", MODEL="Qwen/Qwen3-4B", DRAFT="d").runs[0]
+    run.status = "failed"
+    run.error = ("benchmark.py: error: target model 'Qwen/Qwen3-4B' cannot be reached on the "
+                 "Hugging Face hub and is not cached (LocalEntryNotFoundError) (...)")
+    hint = launch.wrapper_hint(run)
+    assert "MODEL=embedded DRAFT=embedded" in hint and "MODEL=/local" in hint
+    run.error = "benchmark.py: error: --block-size must be >= 1, got 0"
+    assert launch.wrapper_hint(run) is None
