@@ -154,25 +154,7 @@ def local_config(name: str | None, what: str = "draft") -> dict | None:
         return None
 
 
-def check_writable(path: str, flag: str) -> None:
-    """``path`` can be created or replaced: its nearest existing ancestor is a writable
-    folder, no ancestor is a file, and it is not a folder itself. Creates nothing."""
-    if not str(path).strip():
-        raise UserError(f"{flag} is empty", "give a file path")
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise UserError(f"{flag} {path} is a directory", "give a file path")
-    parent = target.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"{flag} {path}: {probe} is a file, not a folder",
-                        "choose a writable location")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: cannot write into {probe}", "choose a writable location")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise UserError(f"{flag} {path} is not writable", "choose a writable location")
+check_writable = runlog.check_writable  # (lives in runlog: the torch-free CLIs use it too)
 
 
 # ----------------------------------------------------------------------------- failures

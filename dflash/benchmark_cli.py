@@ -7,14 +7,13 @@ and one summary JSON that the sweep and analysis tools read.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import bench, runlog
+from . import bench, runlog, units
 from .datasets import load_prompts
 from .decoding import SpeculativeDecoder
 from .draft import resolve_dtype
@@ -197,44 +196,23 @@ def main(argv=None) -> int:
             import torch.distributed as tdist
             tdist.barrier()  # rank 0 wrote the header (or refused) before others append
     mine = prompts[dist.rank::dist.world]
-    todo = [p for p in mine if not (log and p["id"] in log.done)]
-    records = [log.done[p["id"]] for p in mine if log and p["id"] in log.done]
+    todo, records = units.split_resumed(mine, log)
     resumed = len(records)
-    if resumed and dist.main:
-        print(f"resuming: {resumed} finished sample(s) kept from {out_jsonl}"
-              + (f", {len(log.failed)} failed one(s) retried" if log.failed else ""),
-              file=sys.stderr)
+    if dist.main:
+        units.announce_resumed(records, log)
 
     decoder = SpeculativeDecoder(pair.target, pair.draft, engine=args.engine)
-    failure = None  # (sample id, exception) that stopped the run
     progress = _progress(len(mine), len(records), dist)
     with GracefulStop() as stop:
         try:
-            warm_up(decoder, pair, todo or mine, args, block_size)
-            for prompt in todo:
-                if stop.requested:
-                    break
-                try:
-                    rec = run_sample(decoder, pair, prompt, args, block_size)
-                except Exception as err:  # noqa: BLE001 - a failed unit is recorded, not lost
-                    bench.free_memory()
-                    rec = {"id": prompt["id"], "dataset": args.dataset,
-                           "category": prompt["category"], "error": bench.error_text(err)}
-                    if not args.continue_on_error:
-                        failure = (prompt["id"], err)
-                rec["rank"] = dist.rank
-                with stop.committing():
-                    if log:
-                        log.add(rec)
-                    records.append(rec)
-                    progress.update(1)
-                if failure:
-                    break
-        except KeyboardInterrupt:  # the unit in progress is dropped
-            stop.note(signal.SIGINT)
+            failure = units.run_units(
+                todo, lambda prompt: run_sample(decoder, pair, prompt, args, block_size),
+                stop=stop, records=records, dataset=args.dataset, log=log,
+                continue_on_error=args.continue_on_error, rank=dist.rank,
+                warm_up=lambda: warm_up(decoder, pair, todo or mine, args, block_size),
+                on_record=lambda i, prompt, rec: progress.update(1))
         finally:
             progress.close()
-        stop.disarm()
 
         status = {"records": records, "signal": stop.signum, "failed": failure is not None,
                   "resumed": resumed, "ignored": log.ignored_lines if log else 0}
@@ -243,9 +221,7 @@ def main(argv=None) -> int:
             if part["signal"] is not None:
                 stop.note(part["signal"])
         if dist.main:
-            every = [r for part in everyone for r in part["records"]]
-            order = {p["id"]: i for i, p in enumerate(prompts)}
-            every.sort(key=lambda r: order.get(r["id"], 0))
+            every = units.sort_like([r for part in everyone for r in part["records"]], prompts)
             summary = build_summary(args, config, every, device, source, dist.world,
                                     expected=len(prompts), interrupted_by=stop.signal_name,
                                     stopped_on_error=any(p["failed"] for p in everyone),
@@ -254,14 +230,7 @@ def main(argv=None) -> int:
             atomic_write_json(out_json, summary)
             print_summary(summary, out_json)
         bench.barrier_and_close(dist, barrier=not stop.requested)
-    if failure is not None:
-        sample_id, err = failure
-        if bench.is_out_of_memory(err):
-            raise UserError(f"out of memory on sample {sample_id}; the summary covers the "
-                            "samples before it",
-                            "lower --max-new-tokens, or pass --continue-on-error",
-                            exit_code=EXIT_FAILED) from err
-        raise err
+    units.raise_failure(failure)
     if any(p["failed"] for p in everyone):
         return EXIT_FAILED
     return stop.exit_code()
@@ -288,14 +257,9 @@ def build_summary(args, config, records, device, source, world, *, expected: int
         "config": config,
         "dataset_source": source,
         "world_size": world,
-        "complete": interrupted_by is None and not stopped_on_error and len(records) == expected,
-        "interrupted_by": interrupted_by,
-        "stopped_on_error": stopped_on_error,
-        "samples_expected": expected,
-        "samples_done": len(records),
-        "samples_failed": len(records) - len(ok),
-        "samples_resumed": resumed,
-        "jsonl_ignored_lines": ignored_lines,
+        **units.run_status(records, expected, interrupted_by=interrupted_by,
+                           stopped_on_error=stopped_on_error, resumed=resumed,
+                           ignored_lines=ignored_lines),
         "sample_ids": [r["id"] for r in records],
         "baseline": base,
         "speculative": spec,
@@ -365,12 +329,7 @@ def print_summary(s: dict, path: str) -> None:
         lines.append(f"greedy outputs identical to baseline: {100 * s['greedy_match_rate']:.0f}% of samples")
     if s["samples_failed"]:
         lines.append(f"failed samples: {s['samples_failed']}")
-    if s.get("interrupted_by"):
-        lines.append(f"run interrupted ({s['interrupted_by']}): summary covers the "
-                     f"{s['samples_done']} finished samples of {s['samples_expected']} "
-                     "(rerun with --resume)")
-    elif not s["complete"]:
-        lines.append(f"run incomplete: {s['samples_done']} of {s['samples_expected']} samples "
-                     "(rerun with --resume)")
+    if units.incomplete_line(s):
+        lines.append(units.incomplete_line(s))
     lines.append(f"results: {path}")
     print("\n".join(lines))

@@ -10,16 +10,16 @@ dynamic run's per-cycle trace (block size, tau, cycle time, why the scheduler ch
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import bench
+from . import bench, runlog, units
 from .datasets import load_prompts
 from .decoding import SpeculativeDecoder
+from .draft import resolve_dtype
 from .errors import EXIT_FAILED, CliArgumentParser, UserError
 from .metrics import format_histogram, measure, speedup, summarize
 from .runlog import GracefulStop, RunLog, atomic_write_json
@@ -113,18 +113,41 @@ def check_args(args) -> list[int]:
     return candidates
 
 
-def run_config(args, pair, candidates) -> dict:
+def run_config(args, model_name: str, draft_name: str, draft_block_size: int | None, dtype,
+               candidates) -> dict:
+    """What a unit's result depends on; --resume refuses a JSONL recorded with another one.
+    Known before the models load (``draft_block_size`` None: the draft is not on disk yet)."""
     sched = make_policy(args, candidates)
     settings = {k: getattr(sched, a) for k, a in _ATTRS[args.policy].items()}
     return {"script": SCRIPT, "dataset": args.dataset, "max_samples": args.max_samples,
-            "model": pair.target_name, "draft": pair.draft_name,
-            "draft_block_size": pair.draft.block_size, "candidates": candidates,
+            "model": model_name, "draft": draft_name,
+            "draft_block_size": draft_block_size, "candidates": candidates,
             "policy": args.policy, "scheduler": settings,
             "compare_static": args.compare_static, "skip_baseline": args.skip_baseline,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "seed": args.seed, "dtype": str(pair.dtype).replace("torch.", ""),
+            "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
             "engine": args.engine, "enable_thinking": args.enable_thinking,
             "chat_template": not args.no_chat_template}
+
+
+def summary_path(args) -> str:
+    if args.output_json:
+        return args.output_json
+    if args.save_outputs_path:
+        return str(Path(args.save_outputs_path).with_suffix(".summary.json"))
+    return f"outputs/dynamic_{args.dataset}_{args.policy}.json"
+
+
+def precheck(args, candidates, device, model_name: str, draft_name: str) -> None:
+    """Before any model loads: the summary location, and a --resume JSONL written by another
+    configuration (the draft's block size is compared when its config is on disk)."""
+    cfg = bench.local_config(draft_name, "draft")
+    draft_b = int(cfg.get("block_size", 16)) if cfg is not None else None
+    dtype = resolve_dtype(args.dtype, "bfloat16" if device.type == "cuda" else "float32")
+    planned = run_config(args, model_name, draft_name, draft_b, dtype, candidates)
+    bench.check_writable(summary_path(args), "summary path")
+    runlog.precheck(args.save_outputs_path, planned, args.resume,
+                    unknown=() if draft_b is not None else ("draft_block_size",))
 
 
 _ATTRS = {
@@ -247,13 +270,16 @@ def run_sample(decoder, pair, prompt, args, candidates, policy) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     candidates = check_args(args)
-    dist = bench.init_distributed(args.device)
-    device = bench.pick_device(args.device, dist)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    # -- up to init_distributed everything only reads: a refusal leaves no file behind
+    here = bench.dist_from_env()
+    device = bench.pick_device(args.device, here)
     model_name, draft_name = bench.default_model_names(args.model_name_or_path,
                                                        args.draft_name_or_path, device,
-                                                       announce=dist.main)
+                                                       announce=here.main)
+    precheck(args, candidates, device, model_name, draft_name)
+    dist = bench.init_distributed(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     prompts, source = load_prompts(args.dataset, args.max_samples,
                                    offline_fallback=args.offline_fallback)
     if dist.main and source != "built-in" and not source.startswith(("cache", "hub")):
@@ -264,11 +290,11 @@ def main(argv=None) -> int:
         print(f"note: candidates above the draft's training block size ({trained}) usually "
               "accept less than it does", file=sys.stderr)
     torch.manual_seed(args.seed)
-    config = run_config(args, pair, candidates)
+    config = run_config(args, pair.target_name, pair.draft_name, pair.draft.block_size,
+                        pair.dtype, candidates)
 
     out_jsonl = args.save_outputs_path
-    out_json = args.output_json or (str(Path(out_jsonl).with_suffix(".summary.json")) if out_jsonl
-                                    else f"outputs/dynamic_{args.dataset}_{args.policy}.json")
+    out_json = summary_path(args)
     log = None
     if out_jsonl:
         log = RunLog(out_jsonl, config, resume=args.resume, write_header=dist.main)
@@ -276,79 +302,56 @@ def main(argv=None) -> int:
             import torch.distributed as tdist
             tdist.barrier()
     mine = prompts[dist.rank::dist.world]
-    todo = [p for p in mine if not (log and p["id"] in log.done)]
-    records = [log.done[p["id"]] for p in mine if log and p["id"] in log.done]
+    todo, records = units.split_resumed(mine, log)
+    resumed = len(records)
+    if dist.main:
+        units.announce_resumed(records, log)
 
     decoder = SpeculativeDecoder(pair.target, pair.draft, engine=args.engine)
     policy = make_policy(args, candidates)
-    resumed = len(records)
-    failure = None  # (sample id, exception) that stopped the run
+
+    def verbose_line(i, prompt, rec):
+        if dist.main and args.verbose:
+            d = rec.get("dynamic") or {}
+            print(f"[{len(records)}/{len(mine)}] {prompt['id']}: tau "
+                  f"{d.get('tau', 0):.2f}, blocks {d.get('block_counts')}", file=sys.stderr)
+
     with GracefulStop() as stop:  # SIGINT/SIGTERM: drop the unit in progress, keep the rest
-        try:
-            if todo or mine:
-                warm_up(decoder, pair, (todo or mine)[0], args, candidates, policy)
-            for prompt in todo:
-                if stop.requested:
-                    break
-                try:
-                    rec = run_sample(decoder, pair, prompt, args, candidates, policy)
-                except Exception as err:  # noqa: BLE001 - a failed unit is recorded, not lost
-                    bench.free_memory()
-                    rec = {"id": prompt["id"], "dataset": args.dataset,
-                           "category": prompt["category"], "error": bench.error_text(err)}
-                    if not args.continue_on_error:
-                        failure = (prompt["id"], err)
-                rec["rank"] = dist.rank
-                with stop.committing():
-                    if log:
-                        log.add(rec)
-                    records.append(rec)
-                if dist.main and args.verbose:
-                    d = rec.get("dynamic") or {}
-                    print(f"[{len(records)}/{len(mine)}] {prompt['id']}: tau "
-                          f"{d.get('tau', 0):.2f}, blocks {d.get('block_counts')}",
-                          file=sys.stderr)
-                if failure:
-                    break
-        except KeyboardInterrupt:  # the unit in progress is dropped
-            stop.note(signal.SIGINT)
-        stop.disarm()
+        failure = units.run_units(
+            todo, lambda prompt: run_sample(decoder, pair, prompt, args, candidates, policy),
+            stop=stop, records=records, dataset=args.dataset, log=log,
+            continue_on_error=args.continue_on_error, rank=dist.rank,
+            warm_up=(lambda: warm_up(decoder, pair, (todo or mine)[0], args, candidates, policy))
+            if todo or mine else None,
+            on_record=verbose_line)
 
         everyone = bench.all_gather({"records": records, "signal": stop.signum,
-                                     "failed": failure is not None, "resumed": resumed}, dist)
+                                     "failed": failure is not None, "resumed": resumed,
+                                     "ignored": log.ignored_lines if log else 0}, dist)
         for part in everyone:
             if part["signal"] is not None:
                 stop.note(part["signal"])
         stopped_on_error = any(part["failed"] for part in everyone)
         if dist.main:
-            every = [r for part in everyone for r in part["records"]]
-            order = {p["id"]: i for i, p in enumerate(prompts)}
-            every.sort(key=lambda r: order.get(r["id"], 0))
+            every = units.sort_like([r for part in everyone for r in part["records"]], prompts)
+            status = units.run_status(every, len(prompts), interrupted_by=stop.signal_name,
+                                      stopped_on_error=stopped_on_error,
+                                      resumed=sum(part["resumed"] for part in everyone),
+                                      ignored_lines=everyone[0]["ignored"])
             summary = build_summary(args, config, every, candidates, device, source, dist.world,
-                                    stop.requested or stopped_on_error, len(prompts))
-            summary["interrupted_by"] = stop.signal_name
-            summary["stopped_on_error"] = stopped_on_error
-            summary["samples_expected"] = len(prompts)
-            summary["samples_resumed"] = sum(part["resumed"] for part in everyone)
+                                    status)
             atomic_write_json(out_json, summary)
             print(format_summary(summary, out_json))
         bench.barrier_and_close(dist, barrier=not stop.requested)
-    if failure is not None:
-        sample_id, err = failure
-        if bench.is_out_of_memory(err):
-            raise UserError(f"out of memory on sample {sample_id}; the summary covers the "
-                            "samples before it",
-                            "lower --max-new-tokens, or pass --continue-on-error",
-                            exit_code=EXIT_FAILED) from err
-        raise err
+    units.raise_failure(failure)
     if stopped_on_error:
         return EXIT_FAILED
     return stop.exit_code()
 
 
 # ----------------------------------------------------------------------------- reporting
-def build_summary(args, config, records, candidates, device, source, world, interrupted,
-                  expected) -> dict:
+def build_summary(args, config, records, candidates, device, source, world, status: dict) -> dict:
+    """``status``: :func:`dflash.units.run_status` of the run (complete, interrupted_by...)."""
     ok = [r for r in records if "error" not in r]
     base = summarize([r.get("baseline") for r in ok])
     dyn = summarize([r.get("dynamic") for r in ok])
@@ -376,9 +379,7 @@ def build_summary(args, config, records, candidates, device, source, world, inte
         "config": config,
         "dataset_source": source,
         "world_size": world,
-        "complete": not interrupted and len(records) == expected,
-        "samples_done": len(records),
-        "samples_failed": len(records) - len(ok),
+        **status,
         "baseline": base,
         "dynamic": dyn,
         "speedup": speedup(base, dyn),
@@ -438,7 +439,7 @@ def format_summary(s: dict, path: str) -> str:
                      "of samples")
     if s["samples_failed"]:
         lines.append(f"failed samples: {s['samples_failed']}")
-    if not s["complete"]:
-        lines.append("run incomplete: summary covers the finished samples only (rerun with --resume)")
+    if units.incomplete_line(s):
+        lines.append(units.incomplete_line(s))
     lines.append(f"results: {path}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import traceback
 from typing import Callable, Iterator, Sequence
@@ -80,32 +81,88 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
+def exit_promptly_on_signal(code: int) -> None:
+    """From here on the process only exits: a further Ctrl-C or SIGTERM (a second Ctrl-C while
+    the summary is printed, or while the interpreter tears torch down, which takes a while)
+    ends it at once, with ``code`` (or 128 + the signal when ``code`` is 0), instead of a
+    KeyboardInterrupt traceback or a death by signal."""
+    def handler(signum, _frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a write the signal interrupted
+                pass
+        os._exit(code if code else 128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
+            *, as_process: bool | None = None) -> None:
     """Run ``main(argv)`` and turn errors into one line on stderr and an exit code.
 
     UserError -> its exit code; KeyboardInterrupt -> 130; anything else -> 1 with a one-line
     summary (``--verbose`` or DFLASH_VERBOSE=1 shows the traceback).
+
+    ``as_process`` (default: ``argv`` is None, i.e. a script's entry point) also makes a
+    signal that arrives after ``main`` ended exit at once with the code already decided
+    (:func:`exit_promptly_on_signal`); in-process callers (tests) keep their handlers.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    if as_process is None:
+        as_process = argv is None
     verbose = _verbose_requested(args)
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "dflash"
     try:
         with one_line_argparse_errors():
-            code = main(args)
+            code = int(main(args) or 0)
     except UserError as err:
+        code = err.exit_code
+        if as_process:
+            exit_promptly_on_signal(code)
         if verbose:
             traceback.print_exc()
         print(f"{prog}: error: {err.one_line()}", file=sys.stderr)
-        sys.exit(err.exit_code)
     except KeyboardInterrupt:
+        code = EXIT_SIGINT
+        if as_process:
+            exit_promptly_on_signal(code)
         if verbose:
             traceback.print_exc()
         print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(EXIT_SIGINT)
     except Exception as err:  # noqa: BLE001 - last-resort boundary of a CLI
+        code = EXIT_FAILED
+        if as_process:
+            exit_promptly_on_signal(code)
         if verbose:
             traceback.print_exc()
         print(f"{prog}: error: {type(err).__name__}: {_first_line(err)} "
               "(rerun with --verbose for the traceback)", file=sys.stderr)
-        sys.exit(EXIT_FAILED)
-    sys.exit(int(code or 0))
+    else:
+        if as_process:
+            exit_promptly_on_signal(code)
+    if as_process and code in (EXIT_SIGINT, EXIT_SIGTERM):
+        _exit_now(code)
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    """End a run that a signal stopped (its summary is written) without the interpreter's
+    teardown: late in that teardown Python puts back the default signal handlers, so one
+    more Ctrl-C there would kill the process by SIGINT instead of exiting with ``code``.
+    atexit functions still run, and the standard streams are flushed."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)

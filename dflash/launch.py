@@ -551,6 +551,11 @@ def _judge(run: Run, start: float) -> None:
         run.error = None
     elif rc in (130, 143, -signal.SIGINT, -signal.SIGTERM):
         run.status, run.error = "interrupted", f"exit status {rc}"
+    elif run.summary is not None and run.summary.get("interrupted_by"):
+        # torchrun exits 1 when it is signalled, whatever its workers did; the summary
+        # rank 0 wrote says the run was interrupted
+        run.status = "interrupted"
+        run.error = f"exit status {rc}, {run.summary['interrupted_by']}"
     else:
         run.status = "failed"
         run.error = _error_line(run.log_path, run.log_offset) or f"exit status {rc}"

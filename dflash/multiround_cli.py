@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import bench
+from . import bench, runlog, units
 from .datasets import load_prompts
 from .decoding import SpeculativeDecoder
-from .errors import EXIT_FAILED, CliArgumentParser, UserError
+from .draft import resolve_dtype
+from .errors import CliArgumentParser, UserError
 from .metrics import measure, speedup, summarize
 from .multiround import MultiRoundDecoder
 from .runlog import GracefulStop, RunLog, atomic_write_json
@@ -80,14 +80,36 @@ def check_args(args) -> list[int]:
     return sizes
 
 
-def run_config(args, pair, sizes, single_b, methods) -> dict:
+def method_names(args) -> list[str]:
+    return ["target_only", "single_round"] + (["tree", "faithful"] if args.mode == "both"
+                                              else [args.mode])
+
+
+def run_config(args, model_name: str, draft_name: str, dtype, device, sizes, single_b,
+               methods) -> dict:
+    """What a unit's result depends on; --resume refuses a JSONL recorded with another one.
+    Everything in it is known before the models load."""
     return {"script": SCRIPT, "dataset": args.dataset, "max_samples": args.max_samples,
-            "model": pair.target_name, "draft": pair.draft_name, "round_block_sizes": sizes,
+            "model": model_name, "draft": draft_name, "round_block_sizes": sizes,
             "single_block_size": single_b, "mode": args.mode, "methods": methods,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "seed": args.seed, "dtype": str(pair.dtype).replace("torch.", ""),
-            "engine": args.engine, "device": str(pair.device),
+            "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
+            "engine": args.engine, "device": str(device),
             "enable_thinking": args.enable_thinking, "chat_template": not args.no_chat_template}
+
+
+def summary_path(args) -> str:
+    if args.output_json:
+        return args.output_json
+    if args.save_outputs_path:
+        return str(Path(args.save_outputs_path).with_suffix(".summary.json"))
+    return f"outputs/multiround_{args.dataset}.json"
+
+
+def planned_config(args, sizes, device, model_name: str, draft_name: str) -> dict:
+    dtype = resolve_dtype(args.dtype, "bfloat16" if device.type == "cuda" else "float32")
+    return run_config(args, model_name, draft_name, dtype, device, sizes,
+                      args.single_block_size or sizes[0], method_names(args))
 
 
 def _methods(args, pair, sizes, single_b):
@@ -185,10 +207,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sizes = check_args(args)
     device = bench.pick_device(args.device, bench.Dist())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     model_name, draft_name = bench.default_model_names(args.model_name_or_path,
                                                        args.draft_name_or_path, device)
+    # -- before any model loads: where the summary goes, and a --resume of another run
+    config = planned_config(args, sizes, device, model_name, draft_name)
+    out_jsonl, out_json = args.save_outputs_path, summary_path(args)
+    bench.check_writable(out_json, "summary path")
+    runlog.precheck(out_jsonl, config, args.resume)
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     prompts, source = load_prompts(args.dataset, args.max_samples,
                                    offline_fallback=args.offline_fallback)
     if source != "built-in" and not source.startswith(("cache", "hub")):
@@ -197,63 +225,35 @@ def main(argv=None) -> int:
     single_b = args.single_block_size or sizes[0]
     torch.manual_seed(args.seed)
     methods = _methods(args, pair, sizes, single_b)
-    config = run_config(args, pair, sizes, single_b, list(methods))
+    config = run_config(args, pair.target_name, pair.draft_name, pair.dtype, pair.device, sizes,
+                        single_b, list(methods))
 
-    out_jsonl = args.save_outputs_path
-    out_json = args.output_json or (str(Path(out_jsonl).with_suffix(".summary.json")) if out_jsonl
-                                    else f"outputs/multiround_{args.dataset}.json")
     log = RunLog(out_jsonl, config, resume=args.resume) if out_jsonl else None
-    todo = [p for p in prompts if not (log and p["id"] in log.done)]
-    records = [log.done[p["id"]] for p in prompts if log and p["id"] in log.done]
-    if records:
-        print(f"resuming: {len(records)} finished sample(s) kept from {out_jsonl}"
-              + (f", {len(log.failed)} failed one(s) retried" if log.failed else ""),
-              file=sys.stderr)
+    todo, records = units.split_resumed(prompts, log)
+    resumed = len(records)
+    units.announce_resumed(records, log)
 
-    failure = None  # (sample id, exception) that stopped the run
+    def verbose_line(n, prompt, rec):
+        if args.verbose and "error" not in rec:
+            print(f"[{n}/{len(todo)}] {prompt['id']}: " + ", ".join(
+                f"{m} {rec[m]['tokens_per_target_pass']:.2f} tok/pass" for m in methods),
+                file=sys.stderr)
+
     with GracefulStop() as stop:
-        try:
-            warm_up(methods, pair, todo or prompts, args)
-            for n, prompt in enumerate(todo, start=1):
-                if stop.requested:
-                    break
-                try:
-                    rec = run_sample(methods, pair, prompt, args)
-                except Exception as err:  # noqa: BLE001 - a failed sample is recorded, not lost
-                    bench.free_memory()
-                    rec = {"id": prompt["id"], "dataset": args.dataset,
-                           "category": prompt["category"], "error": bench.error_text(err)}
-                    if not args.continue_on_error:
-                        failure = (prompt["id"], err)
-                with stop.committing():
-                    if log:
-                        log.add(rec)
-                    records.append(rec)
-                if args.verbose and "error" not in rec:
-                    print(f"[{n}/{len(todo)}] {prompt['id']}: " + ", ".join(
-                        f"{m} {rec[m]['tokens_per_target_pass']:.2f} tok/pass" for m in methods),
-                        file=sys.stderr)
-                if failure:
-                    break
-        except KeyboardInterrupt:  # the sample in progress is dropped
-            stop.note(signal.SIGINT)
-        stop.disarm()
-        order = {p["id"]: i for i, p in enumerate(prompts)}
-        records.sort(key=lambda r: order.get(r["id"], 0))
-        summary = build_summary(args, config, records, methods, device, source,
-                                stop.requested or failure is not None, len(prompts))
+        failure = units.run_units(
+            todo, lambda prompt: run_sample(methods, pair, prompt, args),
+            stop=stop, records=records, dataset=args.dataset, log=log,
+            continue_on_error=args.continue_on_error,
+            warm_up=lambda: warm_up(methods, pair, todo or prompts, args),
+            on_record=verbose_line)
+        records = units.sort_like(records, prompts)
+        status = units.run_status(records, len(prompts), interrupted_by=stop.signal_name,
+                                  stopped_on_error=failure is not None, resumed=resumed,
+                                  ignored_lines=log.ignored_lines if log else 0)
+        summary = build_summary(args, config, records, methods, device, source, status)
         atomic_write_json(out_json, summary)
         print_summary(summary, out_json)
-    if failure is not None:
-        sample_id, err = failure
-        if bench.is_out_of_memory(err):
-            raise UserError(f"out of memory on sample {sample_id}; the summary covers the "
-                            "samples before it",
-                            "lower --max-new-tokens, or pass --continue-on-error",
-                            exit_code=EXIT_FAILED) from err
-        raise err
-    if any("error" in r for r in records):
-        return EXIT_FAILED
+    units.raise_failure(failure)
     return stop.exit_code()
 
 
@@ -270,16 +270,15 @@ def run_sample(methods, pair, prompt, args) -> dict:
     return rec
 
 
-def build_summary(args, config, records, methods, device, source, interrupted, expected) -> dict:
+def build_summary(args, config, records, methods, device, source, status: dict) -> dict:
+    """``status``: :func:`dflash.units.run_status` of the run (complete, interrupted_by...)."""
     ok = [r for r in records if "error" not in r]
     per = {m: summarize_method([r.get(m) for r in ok]) for m in methods}
     base = per.get("target_only")
     return {
         "config": config,
         "dataset_source": source,
-        "complete": not interrupted and len(records) == expected,
-        "samples_done": len(records),
-        "samples_failed": len(records) - len(ok),
+        **status,
         "sample_ids": [r["id"] for r in records],
         "methods": per,
         "speedup": {m: speedup(base, per[m]) for m in methods if m != "target_only"},
@@ -339,8 +338,7 @@ def print_summary(s: dict, path: str) -> None:
         lines.append(f"{_label(cfg, m)}: accepting round of each drawn token {h}")
     if s["samples_failed"]:
         lines.append(f"failed samples: {s['samples_failed']}")
-    if not s["complete"]:
-        lines.append("run incomplete: the summary covers the finished samples only "
-                     "(rerun with --resume)")
+    if units.incomplete_line(s):
+        lines.append(units.incomplete_line(s))
     lines.append(f"results: {path}")
     print("\n".join(lines))

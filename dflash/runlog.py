@@ -94,6 +94,45 @@ def _finite(obj):
     return obj
 
 
+# ----------------------------------------------------------------------------- locations
+def _nearest_existing(path: Path) -> Path:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """``path`` can be created or replaced: its nearest existing ancestor is a writable
+    folder, no ancestor is a file, and it is not a folder itself. Creates nothing."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty", "give a file path")
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UserError(f"{flag} {path} is a directory", "give a file path")
+    probe = _nearest_existing(target.resolve().parent)
+    if not probe.is_dir():
+        raise UserError(f"{flag} {path}: {probe} is a file, not a folder",
+                        "choose a writable location")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write into {probe}", "choose a writable location")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise UserError(f"{flag} {path} is not writable", "choose a writable location")
+
+
+def check_writable_dir(path: str | Path, flag: str) -> None:
+    """``path`` is a folder that exists or can be created (nothing on the way is a file)."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty", "give a folder path")
+    target = Path(path).expanduser().resolve()
+    probe = _nearest_existing(target)
+    if not probe.is_dir():
+        raise UserError(f"{flag} {path}: {probe} is a file, not a folder",
+                        "choose a writable location")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write into {probe}", "choose a writable location")
+
+
 # ----------------------------------------------------------------------------- reading
 def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
     """Records of a JSONL file and the number of unreadable (partial) lines skipped."""

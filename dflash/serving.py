@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "launching one (needs neither sglang nor a GPU here)")
     g.add_argument("--timeout-s", type=float, default=3600.0,
                    help="limit for a server to become ready, and for one request")
+    g.add_argument("--connect-wait-s", type=float, default=10.0,
+                   help="with --base-url: how long to retry a server that cannot be connected "
+                        "to (refused, unknown host) before giving up; raise it when the server "
+                        "is still starting (default %(default)s; a server that answers but is "
+                        "not ready yet is waited for up to --timeout-s)")
     g.add_argument("--server-log-dir", help="server logs (default: <output-md stem>_logs/)")
     g = p.add_argument_group("output")
     g.add_argument("--output-md", default="sglang_benchmark.md")
@@ -207,6 +212,9 @@ def validate(args: argparse.Namespace) -> None:
                         ("--poll-interval-s", args.poll_interval_s)]:
         if not (value > 0) or math.isinf(value):
             raise UserError(f"{flag} must be a positive number of seconds, got {value}")
+    if not (args.connect_wait_s >= 0) or math.isinf(args.connect_wait_s):
+        raise UserError(f"--connect-wait-s must be a number of seconds >= 0, got "
+                        f"{args.connect_wait_s}")
     if not (0.0 < args.mem_fraction_static <= 1.0):
         raise UserError(f"--mem-fraction-static must be in (0, 1], got {args.mem_fraction_static}")
     if not (args.temperature >= 0.0) or math.isinf(args.temperature):
@@ -234,8 +242,9 @@ def validate(args: argparse.Namespace) -> None:
             if not value:
                 raise UserError(f"{flag} is required to launch servers",
                                 "or pass --base-url to benchmark a running server")
-    if not args.output_md:
+    if not args.output_md.strip():
         raise UserError("--output-md must not be empty")
+    check_output_locations(args)
     args.tokenizer_path = args.tokenizer or args.target_model
     if args.no_chat_template:
         args.tokenizer_path = None
@@ -271,6 +280,31 @@ def output_paths(args: argparse.Namespace) -> Paths:
                  png=stem.with_suffix(".png"),
                  logs=Path(args.server_log_dir) if args.server_log_dir
                  else stem.parent / (stem.name + "_logs"))
+
+
+def check_output_locations(args: argparse.Namespace) -> None:
+    """Every file the run writes can be written, and no two of them are the same file,
+    before anything starts (a parent that is a regular file, a report path that is a
+    folder...). Creates nothing."""
+    from .runlog import check_writable, check_writable_dir
+
+    paths = output_paths(args)
+    derived = "(from --output-md)"
+    files = [("--output-md", paths.md),
+             ("--output-json" if args.output_json else f"report JSON {derived}", paths.json),
+             ("--results-jsonl" if args.results_jsonl else f"results log {derived}", paths.jsonl),
+             (f"plot {derived}", paths.png)]
+    seen: dict[Path, str] = {}
+    for flag, path in files:
+        check_writable(path, flag)
+        key = path.expanduser().resolve()
+        if key in seen:
+            raise UserError(f"{flag} and {seen[key]} are the same file ({path})",
+                            "give each output its own path")
+        seen[key] = flag
+    if not args.base_url:
+        check_writable_dir(paths.logs, "--server-log-dir" if args.server_log_dir
+                           else f"server log folder {derived}")
 
 
 def identity_of(args: argparse.Namespace) -> dict:
@@ -466,7 +500,22 @@ def wait_port_free(host: str, port: int, timeout: float) -> None:
 # ----------------------------------------------------------------------------- HTTP
 
 class RequestFailed(Exception):
-    """One request failed; the message is one line."""
+    """One request failed; the message is one line. ``unreachable``: no connection was made
+    (refused, unknown host, no route, connect timeout, TLS failure), as opposed to a server
+    that answered badly, dropped the connection or was slow."""
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+def _is_unreachable(err: BaseException) -> bool:
+    """urllib wraps errors of opening the connection (and sending the request) in URLError;
+    a slow or dropped answer is raised as is."""
+    if not isinstance(err, urllib.error.URLError) or isinstance(err, urllib.error.HTTPError):
+        return False
+    return not isinstance(err.reason, (ConnectionResetError, BrokenPipeError,
+                                       http.client.RemoteDisconnected))
 
 
 def _opener_for(url: str) -> urllib.request.OpenerDirector:
@@ -517,7 +566,31 @@ def http_call(method: str, url: str, payload=None, timeout: float = 30.0) -> tup
             body = b""
         return err.code, body
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-        raise RequestFailed(_describe_error(err, timeout)) from None
+        raise RequestFailed(_describe_error(err, timeout), _is_unreachable(err)) from None
+
+
+def check_reachable(base_url: str, wait_s: float, poll_s: float) -> None:
+    """Something answers HTTP at ``base_url``: connections that cannot be made are retried
+    for ``wait_s`` seconds, then refused in one line (exit 2). Any HTTP answer, or a slow
+    one, counts as reachable: whether the server is ready is decided later, within
+    --timeout-s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            http_call("GET", base_url + "/health", timeout=10.0)
+            return
+        except RequestFailed as err:
+            if not err.unreachable:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" for {wait_s:g} s" if wait_s > 0 else ""
+                raise UserError(f"--base-url {base_url}: no server could be reached{waited} "
+                                f"({err})",
+                                "start the server first or fix the URL; --connect-wait-s N "
+                                "waits longer for one that is still starting. Nothing was "
+                                "run or written") from None
+            time.sleep(min(poll_s, left))
 
 
 def check_ready_once(base_url: str, timeout: float) -> tuple[bool, str]:
@@ -1399,38 +1472,52 @@ class Benchmark:
                 finally:
                     server.stop()
 
-    def run_external(self) -> None:
-        args = self.args
-        url = args.base_url
-        t0 = time.monotonic()
-        while True:
-            ok, seen = check_ready_once(url, timeout=min(30.0, args.timeout_s))
-            if ok:
-                break
-            if time.monotonic() - t0 > args.timeout_s:
-                raise UserError(f"the server at {url} was not ready after {args.timeout_s:g} s "
-                                f"(last check: {seen})",
-                                "check --base-url, or raise --timeout-s", exit_code=1)
-            time.sleep(args.poll_interval_s)
-        info = get_server_info(url) or {}
-        backend = str(info.get("attention_backend") or "external")
-        if "speculative_algorithm" in info:
-            mode = "dflash" if info.get("speculative_algorithm") else "baseline"
-        else:
-            try:
-                probe = send_generate(url, self.texts[0], dict(sampling_params(args),
-                                                               max_new_tokens=8),
-                                      args.timeout_s)
-            except RequestFailed as err:
-                raise UserError(f"the server at {url}: first request failed: {err}",
-                                exit_code=1) from None
-            mode = "dflash" if probe[0].verify_ct else "baseline"
-        self.log(f"[{backend}] server at {url}: {MODE_LABEL[mode]} (from "
-                 f"{'server_info' if 'speculative_algorithm' in info else 'a probe request'})")
-        self.reporter.settings["attention_backends_run"] = [backend]
-        self.run_server_configs(url, backend, mode, None,
-                                {"gpu": None, "server_cmd": None, "base_url": url,
-                                 "server_version": info.get("version")})
+    def run_external(self, external: "ExternalServer") -> None:
+        self.log(f"[{external.backend}] server at {external.url}: {MODE_LABEL[external.mode]} "
+                 f"(from {external.detected_from})")
+        self.reporter.settings["attention_backends_run"] = [external.backend]
+        self.run_server_configs(external.url, external.backend, external.mode, None,
+                                {"gpu": None, "server_cmd": None, "base_url": external.url,
+                                 "server_version": external.info.get("version")})
+
+
+@dataclass
+class ExternalServer:
+    url: str
+    backend: str
+    mode: str
+    info: dict
+    detected_from: str
+
+
+def probe_external(args, texts: list[str]) -> ExternalServer:
+    """The --base-url server (found reachable by :func:`check_reachable`), before anything is
+    written: ready (else exit 1 after --timeout-s), and which mode it serves (/server_info,
+    else one short probe request)."""
+    url = args.base_url
+    t0 = time.monotonic()
+    while True:
+        ok, seen = check_ready_once(url, timeout=min(30.0, args.timeout_s))
+        if ok:
+            break
+        if time.monotonic() - t0 > args.timeout_s:
+            raise UserError(f"the server at {url} was not ready after {args.timeout_s:g} s "
+                            f"(last check: {seen})",
+                            "check --base-url, or raise --timeout-s", exit_code=1)
+        time.sleep(args.poll_interval_s)
+    info = get_server_info(url) or {}
+    backend = str(info.get("attention_backend") or "external")
+    if "speculative_algorithm" in info:
+        return ExternalServer(url, backend, "dflash" if info.get("speculative_algorithm")
+                              else "baseline", info, "server_info")
+    try:
+        probe = send_generate(url, texts[0], dict(sampling_params(args), max_new_tokens=8),
+                              args.timeout_s)
+    except RequestFailed as err:
+        raise UserError(f"the server at {url}: first request failed: {err}",
+                        exit_code=1) from None
+    return ExternalServer(url, backend, "dflash" if probe[0].verify_ct else "baseline", info,
+                          "a probe request")
 
 
 def dry_run(args, paths: Paths, prefix: list[str], overridden: bool) -> int:
@@ -1469,6 +1556,17 @@ def dry_run(args, paths: Paths, prefix: list[str], overridden: bool) -> int:
     return 0
 
 
+def _before_output(fn, doing: str):
+    """``fn()`` while nothing is written yet: SIGTERM / SIGHUP end the run in one line (143),
+    Ctrl-C as everywhere (130)."""
+    with _SignalGuard():
+        try:
+            return fn()
+        except Terminated as err:
+            raise UserError(f"terminated by {err} while {doing}; nothing was written",
+                            exit_code=143) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv_list)
@@ -1495,9 +1593,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             port = pick_free_port(args.host)
         check_port_free(args.host, port)
 
+    if args.base_url:  # a URL that leads nowhere fails here, in one line, before any output
+        _before_output(lambda: check_reachable(args.base_url, args.connect_wait_s,
+                                               args.poll_interval_s),
+                       f"connecting to {args.base_url}")
     texts, source, note = build_prompts(args)
     if note:
         print(f"note: {note}", flush=True)
+    external = None
+    if args.base_url:  # nothing is written until the server is known to be there and ready
+        external = _before_output(lambda: probe_external(args, texts),
+                                  f"waiting for the server at {args.base_url}")
     identity = identity_of(args)
     store = ResultStore(paths.jsonl, identity, args.resume, argv_list)
     for n in store.notes:
@@ -1531,8 +1637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status, error, failure = "failed", None, None
     with _SignalGuard():
         try:
-            if args.base_url:
-                bench.run_external()
+            if external is not None:
+                bench.run_external(external)
             else:
                 bench.run_launched(backends, prefix, port, gpu.name if gpu else None)
             status = "complete"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -201,7 +200,11 @@ def test_sigint_under_torchrun_two_ranks_leaves_no_process(toy_pair, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+    # torchrun turns the signal into its own SignalException: it prints that traceback and
+    # exits 1 whatever its workers did (torch 2.x; docs/ROBUSTNESS.md). No traceback of ours.
+    assert proc.returncode in (1, 130), err[-3000:]
+    for tb in err.split("Traceback (most recent call last):")[1:]:
+        assert "SignalException" in tb and "dflash" not in tb, tb
     summary = json.loads(jsonl.with_suffix(".summary.json").read_text())
     finished = sorted(r["id"] for r in _samples(jsonl))
     assert summary["world_size"] == 2 and summary["complete"] is False
@@ -209,6 +212,50 @@ def test_sigint_under_torchrun_two_ranks_leaves_no_process(toy_pair, tmp_path):
     assert sorted(summary["sample_ids"]) == finished and len(finished) >= 2
     assert "run interrupted (SIGINT)" in out
     assert _no_process_left(str(tmp_path)) == [], "a torchrun worker was left behind"
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_multiround_second_sigint_during_shutdown(delay, toy_pair, tmp_path):
+    """benchmark_multiround_spec.py: Ctrl-C keeps the finished samples (summary, exit 130);
+    a second Ctrl-C right after (while the summary is written, or while the interpreter
+    shuts down) changes nothing: still 130, no traceback, no death by SIGINT."""
+    jsonl = tmp_path / "mr.jsonl"
+    proc = subprocess.Popen(
+        [PY, "benchmark_multiround_spec.py", "--dataset", "builtin-math", "--max-samples", "12",
+         *_models(toy_pair), "--max-new-tokens", "24", "--round-block-sizes", "4,3",
+         "--warmup-runs", "0", "--save-outputs-path", str(jsonl)],
+        cwd=REPO, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_samples(proc, jsonl, 2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(delay)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    summary = json.loads(jsonl.with_suffix(".summary.json").read_text())
+    finished = [r["id"] for r in _samples(jsonl)]
+    assert summary["complete"] is False and summary["interrupted_by"] == "SIGINT"
+    assert summary["samples_done"] == len(finished) >= 2 and summary["samples_expected"] == 12
+    assert [r["id"] for r in summary["per_sample"]] == finished
+    assert "run interrupted (SIGINT)" in out and "rerun with --resume" in out
+
+
+def test_wrapper_counts_a_signalled_torchrun_as_interrupted(tmp_path):
+    """torchrun exits 1 when signalled; the wrappers read the summary rank 0 wrote."""
+    from dflash import launch
+
+    summary = tmp_path / "s.json"
+    summary.write_text(json.dumps({"complete": False, "interrupted_by": "SIGTERM"}))
+    run = launch.Run(name="r", dataset="d", max_samples=1, block_size=4, role="run", cmd=["x"],
+                     log_path=tmp_path / "r.log", json_path=summary,
+                     jsonl_path=tmp_path / "r.jsonl", returncode=1)
+    launch._judge(run, time.time())
+    assert run.status == "interrupted" and "SIGTERM" in run.error
+    summary.write_text(json.dumps({"complete": False, "interrupted_by": None}))
+    (tmp_path / "r.log").write_text("benchmark.py: error: boom\n")
+    launch._judge(run, time.time())
+    assert run.status == "failed"
 
 
 def test_graceful_stop_semantics():
@@ -293,67 +340,98 @@ def test_atomic_summary_write_keeps_old_file_on_failure(tmp_path):
 
 
 # ----------------------------------------------------------------------------- OOM units
-def _oom_on(sample_id, monkeypatch, calls):
-    real = benchmark_cli.run_sample
+def _oom_on(module, sample_id, monkeypatch, calls):
+    """``module.run_sample`` runs out of memory on ``sample_id`` (every CLI's run_sample takes
+    the prompt third); ``bench.free_memory`` only counts its calls."""
+    real = module.run_sample
 
-    def fake(decoder, pair, prompt, args, block_size):
-        if prompt["id"] == sample_id:
+    def fake(*a):
+        if a[2]["id"] == sample_id:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(decoder, pair, prompt, args, block_size)
+        return real(*a)
 
-    monkeypatch.setattr(benchmark_cli, "run_sample", fake)
-    monkeypatch.setattr(benchmark_cli.bench, "free_memory", lambda: calls.append(1))
+    monkeypatch.setattr(module, "run_sample", fake)
+    monkeypatch.setattr(module.bench, "free_memory", lambda: calls.append(1))
 
 
-def test_out_of_memory_unit_stops_or_continues(toy_pair, tmp_path, monkeypatch, capsys):
-    target, draft = toy_pair
-    jsonl = tmp_path / "o.jsonl"
-    argv = ["--dataset", "builtin-code", "--max-samples", "3", "--model-name-or-path", str(target),
-            "--draft-name-or-path", str(draft), "--max-new-tokens", "8", "--block-size", "4",
-            "--warmup-runs", "0", "--save-outputs-path", str(jsonl)]
+@pytest.mark.parametrize("cli", ["benchmark", "multiround", "dynamic"])
+def test_out_of_memory_unit_stops_or_continues(cli, toy_pair, tmp_path, monkeypatch, capsys):
+    """The same failed-unit handling in every CLI (dflash.units): recorded with its error,
+    summary written, exit 1 in one line; --continue-on-error goes on (exit 0); --resume
+    retries the failed unit."""
+    module = {"benchmark": benchmark_cli, "multiround": multiround_cli,
+              "dynamic": dynamic_bench}[cli]
+    jsonl, summary_json = tmp_path / "r.jsonl", tmp_path / "s.json"
+    argv = _cli_argv(cli, toy_pair, tmp_path)
+    for flag, value in (("--max-samples", "3"), ("--max-new-tokens", "8"), ("--warmup-runs", "0")):
+        argv = _set(argv, flag, value)
     calls = []
-    _oom_on("builtin-code/1", monkeypatch, calls)
+    _oom_on(module, "builtin-code/1", monkeypatch, calls)
     # default: stop at the failing unit, record it, write the summary, exit 1 (one line)
     with pytest.raises(SystemExit) as exit_:
-        run_cli(benchmark_cli.main, argv)
+        run_cli(module.main, argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and calls == [1]
     assert "out of memory on sample builtin-code/1" in err[-1] and "--continue-on-error" in err[-1]
-    summary = json.loads(jsonl.with_suffix(".summary.json").read_text())
+    assert "Traceback" not in "\n".join(err)
+    summary = json.loads(summary_json.read_text())
     assert summary["stopped_on_error"] and not summary["complete"]
+    assert summary["interrupted_by"] is None and summary["samples_expected"] == 3
     assert summary["samples_done"] == 2 and summary["samples_failed"] == 1
     assert [("error" in r) for r in _samples(jsonl)] == [False, True]
     # --resume --continue-on-error: the failed unit is retried (fails again), the run goes on
-    assert benchmark_cli.main(argv + ["--resume", "--continue-on-error"]) == 0
-    summary = json.loads(jsonl.with_suffix(".summary.json").read_text())
+    assert module.main(argv + ["--resume", "--continue-on-error"]) == 0
+    summary = json.loads(summary_json.read_text())
     assert summary["complete"] and summary["samples_done"] == 3 and summary["samples_failed"] == 1
     assert summary["per_sample"][1]["error"].startswith("out of memory")
     assert summary["samples_resumed"] == 1
     # the memory is back: --resume retries the failed unit and completes the run
     monkeypatch.undo()
-    assert benchmark_cli.main(argv + ["--resume"]) == 0
-    summary = json.loads(jsonl.with_suffix(".summary.json").read_text())
+    assert module.main(argv + ["--resume"]) == 0
+    summary = json.loads(summary_json.read_text())
     assert summary["complete"] and summary["samples_failed"] == 0 and summary["samples_resumed"] == 2
+    assert [r["id"] for r in summary["per_sample"]] == [f"builtin-code/{i}" for i in range(3)]
 
 
 # ----------------------------------------------------------------------------- (4) bad inputs
-def _bench_header(tmp_path, toy_pair, **change) -> Path:
-    """A JSONL whose header is benchmark.py's configuration for BASE, with ``change``."""
-    target, draft = toy_pair
-    args = benchmark_cli.build_parser().parse_args(_base_argv(toy_pair, tmp_path / "unused"))
-    config = {**benchmark_cli.run_config(args, str(target), str(draft), "float32", 4), **change}
-    path = tmp_path / "prior" / "run.jsonl"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"type": "header", "config": config}) + "\n"
-                    + json.dumps({"type": "sample", "id": "builtin-code/0"}) + "\n")
-    return path
-
-
 def _base_argv(toy_pair, out: Path) -> list[str]:
     target, draft = toy_pair
     return ["--dataset", "builtin-code", "--max-samples", "2", "--model-name-or-path", str(target),
             "--draft-name-or-path", str(draft), "--max-new-tokens", "16", "--block-size", "4",
             "--save-outputs-path", str(out / "r.jsonl"), "--output-json", str(out / "s.json")]
+
+
+def _cli_argv(cli: str, toy_pair, out: Path) -> list[str]:
+    """A valid argv of a Transformers CLI on the toy pair, writing r.jsonl and s.json in out."""
+    argv = _base_argv(toy_pair, out)
+    if cli == "dynamic":
+        argv = _set(argv, "--block-size", None) + ["--candidate-block-sizes", "2,4"]
+    elif cli == "multiround":
+        argv = _set(argv, "--block-size", None) + ["--round-block-sizes", "4,3"]
+    return argv
+
+
+def _prior_jsonl(cli: str, tmp_path: Path, toy_pair, **change) -> Path:
+    """A JSONL holding one sample under the header ``cli`` writes for its base argv (the
+    configuration each CLI computes before loading models), with ``change`` applied."""
+    target, draft = toy_pair
+    argv = _cli_argv(cli, toy_pair, tmp_path / "unused")
+    if cli == "benchmark":
+        args = benchmark_cli.build_parser().parse_args(argv)
+        config = benchmark_cli.run_config(args, str(target), str(draft), "float32", 4)
+    elif cli == "dynamic":
+        args = dynamic_bench.build_parser().parse_args(argv)
+        config = dynamic_bench.run_config(args, str(target), str(draft), 8, "float32", [2, 4])
+    else:
+        args = multiround_cli.build_parser().parse_args(argv)
+        config = multiround_cli.planned_config(args, [4, 3], torch.device("cpu"), str(target),
+                                               str(draft))
+    config = {**config, **change}
+    path = tmp_path / "prior" / "run.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"type": "header", "config": config}) + "\n"
+                    + json.dumps({"type": "sample", "id": "builtin-code/0"}) + "\n")
+    return path
 
 
 def _set(argv: list[str], flag: str, value: str | None) -> list[str]:
@@ -426,6 +504,10 @@ DYNAMIC_CASES = [
     ([("--dataset", "nope")], "unknown dataset 'nope'"),
     ([("--draft-name-or-path", "/no/draft")], "does not exist"),
     ([("--save-outputs-path", "{PRIOR_SAME}")], "already holds results"),
+    ([("--save-outputs-path", "{PRIOR_OTHER}"), ("+", ["--resume"])],
+     "different configuration (differs in: max_new_tokens 99 -> 16)"),
+    ([("--warmup-runs", "-1")], "--warmup-runs must be >= 0"),
+    ([("--output-json", "{FILE}/s.json")], "is a file, not a folder"),
 ]
 
 MULTIROUND_CASES = [
@@ -436,6 +518,19 @@ MULTIROUND_CASES = [
     ([("--mode", "sideways")], "invalid choice: 'sideways'"),
     ([("--max-new-tokens", "0")], "--max-new-tokens"),
     ([("--model-name-or-path", "/no/model")], "does not exist"),
+    ([("--temperature", "-1")], "--temperature must be"),
+    ([("--dataset", "nope")], "unknown dataset 'nope'"),
+    ([("--warmup-runs", "-1")], "--warmup-runs must be >= 0"),
+    ([("--output-json", "{OUT}")], "is a directory"),
+    ([("--save-outputs-path", "{FILE}/r.jsonl")], "is a file, not a folder"),
+    ([("--save-outputs-path", None), ("+", ["--resume"])], "--resume needs"),
+    ([("--save-outputs-path", "{PRIOR_SAME}")], "already holds results"),
+    ([("--save-outputs-path", "{PRIOR_OTHER}"), ("+", ["--resume"])],
+     "different configuration (differs in: max_new_tokens 99 -> 16)"),
+    ([("--save-outputs-path", "{PRIOR_OTHER}"), ("--round-block-sizes", "4,2"),
+      ("--max-new-tokens", "99"), ("+", ["--resume"])],
+     "different configuration (differs in: round_block_sizes [4, 3] -> [4, 2])"),
+    ([("--save-outputs-path", "{HEADERLESS}"), ("+", ["--resume"])], "no header record"),
 ]
 
 SGLANG_BASE = ["--dataset-name", "builtin-math", "--base-url", "http://127.0.0.1:9",
@@ -450,6 +545,17 @@ SGLANG_CASES = [
     ([("--base-url", "ftp://x")], "is not an http(s) URL"),
     ([("--base-url", None)], "--target-model is required"),
     ([("--max-new-tokens", "0")], "--max-new-tokens must be >= 1"),
+    ([("--connect-wait-s", "-1")], "--connect-wait-s must be"),
+    ([("--output-md", "{FILE}/r.md")], "is a file, not a folder"),
+    ([("--output-md", "{OUT}")], "is a directory"),
+    ([("+", ["--output-json", "{FILE}/r.json"])], "--output-json"),
+    ([("+", ["--results-jsonl", "{OUT}"])], "--results-jsonl"),
+    ([("+", ["--output-json", "{OUT}/r.md"])], "--output-json and --output-md are the same file"),
+    ([("--base-url", None), ("+", ["--target-model", "t", "--draft-model", "d",
+                                   "--server-log-dir", "{FILE}"])],
+     "--server-log-dir"),
+    ([("--base-url", "http://127.0.0.1:{CLOSED}"), ("+", ["--connect-wait-s", "0"])],
+     "no server could be reached"),
 ]
 
 
@@ -487,24 +593,15 @@ def fixtures_dir(tmp_path_factory, toy_pair):
 
 
 def _materialise(cli, edits, toy_pair, out: Path, fx: Path) -> tuple[list[str], list[Path]]:
-    if cli == "sglang":
-        argv = list(SGLANG_BASE)
-    else:
-        argv = _base_argv(toy_pair, out)
-        if cli == "dynamic":
-            argv = _set(argv, "--block-size", None) + ["--candidate-block-sizes", "2,4"]
-        elif cli == "multiround":
-            argv = _set(argv, "--block-size", None) + ["--round-block-sizes", "4,3"]
+    argv = list(SGLANG_BASE) if cli == "sglang" else _cli_argv(cli, toy_pair, out)
     for flag, value in edits:
         argv = argv + value if flag == "+" else _set(argv, flag, value)
     prior = []
     subst = {"{OUT}": str(out), "{FILE}": str(fx / "file.txt"), "{NOCFG}": str(fx / "nocfg"),
-             "{REMOTE}": str(fx / "remote")}
+             "{REMOTE}": str(fx / "remote"), "{CLOSED}": str(_free_port())}
     for key, change in (("{PRIOR_SAME}", {}), ("{PRIOR_OTHER}", {"max_new_tokens": 99})):
         if any(key in a for a in argv):
-            if cli == "dynamic":  # any header: the file is refused before it is read
-                change = {"script": "benchmark_dynamic_schedule.py"}
-            path = _bench_header(out.parent, toy_pair, **change)
+            path = _prior_jsonl(cli, out.parent, toy_pair, **change)
             subst[key] = str(path)
             prior.append(path)
     if any("{HEADERLESS}" in a for a in argv):
@@ -518,6 +615,18 @@ def _materialise(cli, edits, toy_pair, out: Path, fx: Path) -> tuple[list[str], 
     return argv, prior
 
 
+def _forbid_model_loading(monkeypatch) -> None:
+    import transformers
+
+    from dflash.draft import DFlashDraftModel
+
+    def loaded(*_a, **_k):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, DFlashDraftModel):
+        monkeypatch.setattr(cls, "from_pretrained", loaded)
+
+
 MAINS = {"benchmark": benchmark_cli.main, "dynamic": dynamic_bench.main,
          "multiround": multiround_cli.main, "sglang": serving.main}
 
@@ -525,7 +634,10 @@ MAINS = {"benchmark": benchmark_cli.main, "dynamic": dynamic_bench.main,
 @pytest.mark.parametrize("cli, edits, needle", _cases())
 def test_bad_input_one_line_nonzero_nothing_written(cli, edits, needle, toy_pair, fixtures_dir,
                                                      tmp_path, capsys, monkeypatch):
+    """Every case is refused before any model (or tokenizer) loads: loading one fails the
+    case with an AssertionError line instead of the expected one."""
     monkeypatch.delenv("DFLASH_VERBOSE", raising=False)
+    _forbid_model_loading(monkeypatch)
     out = tmp_path / "out"
     out.mkdir()
     argv, prior = _materialise(cli, edits, toy_pair, out, fixtures_dir)
@@ -564,3 +676,63 @@ def test_unexpected_error_is_one_line_exit_1(capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and len(err) == 1
     assert "RuntimeError: something" in err[0] and "--verbose" in err[0]
+
+
+# ----------------------------------------------------------------------------- SGLang client
+def _sglang_argv(tmp_path: Path, url: str, *extra: str) -> list[str]:
+    return ["--dataset-name", "builtin-math", "--base-url", url, "--no-chat-template",
+            "--concurrencies", "1", "--questions-per-concurrency-base", "1",
+            "--max-new-tokens", "8", "--output-md", str(tmp_path / "r.md"),
+            "--poll-interval-s", "0.05", *extra]
+
+
+def test_sglang_unreachable_base_url_fails_fast_and_touches_nothing(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Nothing answers at --base-url: one line, exit 2, after --connect-wait-s; the previous
+    report and results log of the same name are left as they were (nothing ran, so there is
+    nothing to report, and a report of nothing would replace the old one)."""
+    monkeypatch.delenv("DFLASH_VERBOSE", raising=False)
+    old = {tmp_path / "r.md": "old report\n",
+           tmp_path / "r.jsonl": '{"record": "header", "identity": {}}\n'}
+    for path, text in old.items():
+        path.write_text(text)
+    url = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(serving.main, _sglang_argv(tmp_path, url, "--connect-wait-s", "0.5"))
+    took = time.monotonic() - t0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert f"--base-url {url}: no server could be reached for 0.5 s" in err[0]
+    assert "connection refused" in err[0] and "--connect-wait-s" in err[0]
+    assert 0.45 <= took < 10
+    assert {p: p.read_text() for p in tmp_path.iterdir()} == old  # no report, no .bak
+
+
+def test_sglang_base_url_that_comes_up_within_connect_wait(tmp_path, capsys):
+    """A server still starting (connection refused for a while) is waited for."""
+    import threading
+
+    from fake_sglang_server import FakeServer
+
+    port = _free_port()
+    started = {}
+
+    def start():
+        started["server"] = FakeServer(["--port", str(port), "--fake-latency-s", "0.01"])
+        started["server"].__enter__()
+
+    timer = threading.Timer(0.6, start)
+    timer.start()
+    try:
+        code = serving.main(_sglang_argv(tmp_path, f"http://127.0.0.1:{port}",
+                                         "--connect-wait-s", "30"))
+    finally:
+        timer.join()
+        if "server" in started:
+            started["server"].__exit__(None, None, None)
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "complete"
+    recs = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r.get("concurrency") for r in recs[1:]] == [1]
