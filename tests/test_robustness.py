@@ -570,6 +570,11 @@ def _cases():
 
 def test_bad_input_table_has_enough_cases():
     assert len(_cases()) >= 25
+    per_cli = {}
+    for case in _cases():
+        per_cli[case.values[0]] = per_cli.get(case.values[0], 0) + 1
+    assert set(per_cli) == {"benchmark", "dynamic", "multiround", "sglang"}
+    assert min(per_cli.values()) >= 10, per_cli
 
 
 @pytest.fixture(scope="module")
