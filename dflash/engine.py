@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .draft import DFlashDraftModel, rope_cos_sin
-from .graphs import FusedLayer, GraphCache, maybe_compile, post_attention, pre_attention
+from .graphs import (FusedLayer, GraphCache, draft_context_kv, maybe_compile, post_attention,
+                     pre_attention)
+from .kernels import attention_supported, decode_attention, linear
 
 
 def text_config(model):
@@ -84,6 +86,7 @@ class StaticTargetEngine:
         go, and ``tree_mask`` [T, T] (bool, True = may attend) which new tokens see each other;
         every slot before ``cache_slots[0]`` is committed context and visible to all.
         """
+        whole_buffer = kv_len is None and cache_slots is None
         kv_len = self.capacity if kv_len is None else kv_len
         h = self.embed(input_ids)
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
@@ -109,19 +112,24 @@ class StaticTargetEngine:
                 q, k, v = self._pre_attention_modules(layer, h, cos, sin)
             self.k_cache[i].index_copy_(2, cache_slots, k)
             self.v_cache[i].index_copy_(2, cache_slots, v)
-            out = F.scaled_dot_product_attention(
-                q, self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len],
-                attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+            if self.fused and whole_buffer and attention_supported(q, self.k_cache[i]):
+                out = decode_attention(q, self.k_cache[i], self.v_cache[i], positions)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len],
+                    attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+                out = out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
             if self.fused:
                 fl = self.fused_layers[i]
                 h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps)
             else:
                 attn = layer.self_attn
-                h = h + attn.o_proj(out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim))
+                h = h + attn.o_proj(out)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             if i in self._wanted:
                 captured[i] = h
-        logits = self.lm_head(self.norm(h))
+        h = self.norm(h)
+        logits = linear(h, self.lm_head.weight) if self.fused else self.lm_head(h)
         return logits, torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
 
     def _pre_attention_modules(self, layer, h, cos, sin):
@@ -205,6 +213,11 @@ class DraftEngine:
                                  for l in draft.layers]
             self._pre = maybe_compile(pre_attention, compile)
             self._post = maybe_compile(post_attention, compile)
+            self._ctx_kv = maybe_compile(draft_context_kv, compile)
+            attns = [l.self_attn for l in draft.layers]
+            self._wkv = [torch.cat([a.k_proj.weight, a.v_proj.weight]).detach() for a in attns]
+            self._kn = [a.k_norm.weight.detach() for a in attns]
+            self._fused_ctx = not cfg.attention_bias
         self.graphs = graphs
         self._graphed_append = GraphCache(self._append_context, graphs)
         self._graphed_propose = GraphCache(lambda ids, pos: self._propose_logits(ids, pos, None),
@@ -233,8 +246,17 @@ class DraftEngine:
         return self._propose_logits(block_ids, positions, kv_len)
 
     def _append_context(self, features: torch.Tensor, positions: torch.Tensor):
-        ctx = self.draft.project_context(features.to(self.dtype))
         cos, sin = self.cos[positions], self.sin[positions]
+        if self.fused and self._fused_ctx:
+            d = self.draft
+            kvs = self._ctx_kv(features.to(self.dtype), cos, sin, d.fc.weight, d.hidden_norm.weight,
+                               self._wkv, self._kn, n_kv=self.n_kv, head_dim=self.head_dim,
+                               eps=self.eps)
+            for i, (k, v) in enumerate(kvs):
+                self.k_cache[i].index_copy_(2, positions, k)
+                self.v_cache[i].index_copy_(2, positions, v)
+            return
+        ctx = self.draft.project_context(features.to(self.dtype))
         for i, layer in enumerate(self.draft.layers):
             k, v = layer.self_attn.project_kv(ctx, cos, sin)
             self.k_cache[i].index_copy_(2, positions, k)
@@ -244,11 +266,13 @@ class DraftEngine:
                         kv_len: int | None = None) -> torch.Tensor:
         h = self.embed(block_ids).to(self.dtype)
         cos, sin = self.cos[positions], self.sin[positions]
+        t = block_ids.shape[1]
         if kv_len is None:  # graph mode: whole buffer, positional mask (all queries alike)
             kv_len = self.capacity
             mask = (self.slots <= positions[-1])[None, None, None]
+            lim = positions[-1:].expand(t).contiguous()  # every query sees the whole block
         else:
-            mask = None
+            mask = lim = None
         for i, layer in enumerate(self.draft.layers):
             attn = layer.self_attn
             if self.fused:
@@ -264,11 +288,16 @@ class DraftEngine:
             self.v_cache[i].index_copy_(2, positions, v)
             keys, values = self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len]
             if self.fused:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                     enable_gqa=self.n_heads != self.n_kv)
+                if lim is not None and attention_supported(q, self.k_cache[i]):
+                    out = decode_attention(q, self.k_cache[i], self.v_cache[i], lim)
+                else:
+                    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                         enable_gqa=self.n_heads != self.n_kv)
+                    out = out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
                 h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps)
             else:
                 h = h + attn.attend(q, keys, values, mask)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = self.draft.norm(h[:, 1:])
-        return self.lm_head(h.to(self.lm_head.weight.dtype))
+        h = h.to(self.lm_head.weight.dtype)
+        return linear(h, self.lm_head.weight) if self.fused else self.lm_head(h)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
+
+from .kernels import linear
 
 
 class _Captured:
@@ -89,7 +90,7 @@ class FusedLayer:
 def pre_attention(h, cos, sin, ln1, wqkv, bqkv, qn, kn, *, sizes, n_heads, n_kv, head_dim, eps):
     """Norm, fused q/k/v projection, per-head q/k norms, rotary -> q, k [1,h,T,D], v."""
     t = h.shape[1]
-    qkv = F.linear(rms_norm(h, ln1, eps), wqkv, bqkv)
+    qkv = linear(rms_norm(h, ln1, eps), wqkv, bqkv)
     q, k, v = qkv.split(sizes, dim=-1)
     q = q.view(1, t, n_heads, head_dim)
     k = k.view(1, t, n_kv, head_dim)
@@ -101,11 +102,24 @@ def pre_attention(h, cos, sin, ln1, wqkv, bqkv, qn, kn, *, sizes, n_heads, n_kv,
 
 
 def post_attention(h, attn_out, wo, ln2, wgu, wd, *, eps):
-    """Output projection + residual, norm, fused SwiGLU MLP + residual."""
-    t = h.shape[1]
-    h = h + F.linear(attn_out.transpose(1, 2).reshape(1, t, -1), wo)
-    gate, up = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, wd)
+    """Output projection of attn_out [1, T, H*D] + residual, norm, fused SwiGLU MLP + residual."""
+    h = h + linear(attn_out, wo)
+    gate, up = linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
+    return h + linear(torch.nn.functional.silu(gate) * up, wd)
+
+
+def draft_context_kv(features, cos, sin, fc_w, norm_w, wkv, kn, *, n_kv, head_dim, eps):
+    """Draft conditioning: target features [1, T, n_f*H] -> per layer (k, v) [1, kv, T, D].
+
+    ``wkv``/``kn``: per draft layer, the concatenated k/v projection and the k-norm weight."""
+    t = features.shape[1]
+    ctx = rms_norm(linear(features, fc_w), norm_w, eps)
+    out = []
+    for w, knorm in zip(wkv, kn):
+        k, v = linear(ctx, w).view(1, t, 2 * n_kv, head_dim).split(n_kv, dim=2)
+        k = rope(rms_norm(k, knorm, eps).transpose(1, 2), cos, sin)
+        out.append((k, v.transpose(1, 2)))
+    return out
 
 
 def maybe_compile(fn, enabled: bool):

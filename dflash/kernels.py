@@ -1,0 +1,277 @@
+"""Skinny bf16 GEMM for decoding: y[M, N] = x[M, K] @ w[N, K]^T with M <= 16 tokens.
+
+At batch 1 a decoding step is a read of the weights; cuBLAS picks kernels for these shapes
+that reach ~55-65% of HBM bandwidth on an H100 (docs/PERFORMANCE.md). This Triton kernel
+streams ``w`` once in [BLOCK_N, BLOCK_K] tiles, multiplies them with the (tiny, cache-resident)
+activations on the tensor cores, and optionally splits K across programs so that even the
+narrow projections (N = hidden size) put enough loads in flight. Partial sums are reduced by
+a second small kernel in a fixed order, so results are deterministic.
+
+A config depends only on (N, K), never on M, so each output row's arithmetic (tile order,
+split points) is the same whether 1 or 16 tokens are in the batch: a token's logits do not
+change with the block size it is verified in.
+
+Used only on CUDA when Triton is importable; everything else calls ``F.linear``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU builds usually lack it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+
+MAX_M = 16
+
+if triton is not None:
+    @triton.jit
+    def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PARTIAL: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        k_start = pid_k * k_per_split
+        x_rows = x_ptr + offs_m[:, None] * K
+        w_rows = w_ptr + offs_n[:, None] * K
+        m_ok = offs_m[:, None] < M
+        n_ok = offs_n[:, None] < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+            kk = (k0 + offs_k)[None, :]
+            x = tl.load(x_rows + kk, mask=m_ok, other=0.0)
+            w = tl.load(w_rows + kk, mask=n_ok, other=0.0)
+            acc += tl.dot(x, tl.trans(w))
+        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if PARTIAL:  # fp32 partial sums, [split, M, N]
+            out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(out, acc, mask=out_mask)
+        else:
+            out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _reduce_kernel(part_ptr, out_ptr, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < total
+        acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
+        for s in range(1, SPLIT):
+            acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# (N, K) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), tuned on an H100 for the
+# Qwen3-4B target/draft shapes by scripts/tune_skinny_gemm.py (which writes this file).
+# Unknown shapes use a heuristic.
+TABLE_PATH = Path(__file__).parent / "configs" / "skinny_gemm_h100.json"
+
+
+def load_table(path: Path = TABLE_PATH) -> dict[tuple[int, int], tuple[int, ...]]:
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text())["configs"]
+    # A null entry means cuBLAS was faster for that shape.
+    return {tuple(int(v) for v in key.split(",")): tuple(cfg) if cfg else None
+            for key, cfg in raw.items()}
+
+
+TUNED = load_table()
+
+
+def heuristic_config(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, int]:
+    """Enough programs to fill the GPU a few times over, K split only for narrow outputs."""
+    block_n, block_k = 64, 128
+    split = 1
+    while (n // block_n) * split < 4 * sms and k % (2 * split * block_k) == 0 and split < 16:
+        split *= 2
+    return block_n, block_k, split, 4, 4
+
+
+def valid_config(n: int, k: int, cfg) -> bool:
+    block_n, block_k, split, _, _ = cfg
+    return k % (split * block_k) == 0
+
+
+@functools.lru_cache(maxsize=None)
+def config_for(n: int, k: int):
+    if (n, k) in TUNED and TUNED[(n, k)] is None:
+        return None
+    cfg = TUNED.get((n, k))
+    if cfg is None or not valid_config(n, k, cfg):
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        cfg = heuristic_config(n, k, sms)
+    return cfg if valid_config(n, k, cfg) else None
+
+
+def skinny_matmul(x: torch.Tensor, w: torch.Tensor, cfg=None) -> torch.Tensor:
+    """x [M, K] (contiguous, M <= 16) @ w[N, K]^T -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = w.shape[0]
+    block_n, block_k, split, warps, stages = cfg or config_for(n, k)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(n, block_n), split)
+    if split == 1:
+        _skinny_kernel[grid](x, w, out, m, n, k, k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+                             PARTIAL=False, num_warps=warps, num_stages=stages)
+        return out
+    part = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    _skinny_kernel[grid](x, w, part, m, n, k, k // split, BLOCK_M=16, BLOCK_N=block_n,
+                         BLOCK_K=block_k, PARTIAL=True, num_warps=warps, num_stages=stages)
+    total = m * n
+    _reduce_kernel[(triton.cdiv(total, 1024),)](part, out, total, SPLIT=split, BLOCK=1024)
+    return out
+
+
+# Decided once per process (a global that torch.compile can guard on cheaply).
+ENABLED = triton is not None and os.environ.get("DFLASH_SKINNY_GEMM", "1") != "0"
+
+
+def use_skinny(x: torch.Tensor, w: torch.Tensor) -> bool:
+    m = x.numel() // x.shape[-1]
+    return (m <= MAX_M and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+            and w.is_contiguous() and config_for(w.shape[0], w.shape[1]) is not None)
+
+
+if triton is not None:
+    @torch.library.custom_op("dflash::skinny_linear", mutates_args=())
+    def _skinny_linear_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # Opaque to torch.compile: the M / config dispatch happens here, at run time.
+        if use_skinny(x, w):
+            return skinny_matmul(x.contiguous(), w)
+        return F.linear(x, w)
+
+    @_skinny_linear_op.register_fake
+    def _(x, w):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, except that CUDA decode-sized GEMMs (<= 16 rows) use the skinny kernel."""
+    if ENABLED and bias is None and x.is_cuda:
+        lead = x.shape[:-1]
+        y = _skinny_linear_op(x.reshape(-1, x.shape[-1]), w)
+        return y.view(*lead, w.shape[0])
+    return F.linear(x, w, bias)
+
+
+# ----------------------------------------------------------------------------- decode attention
+# Attention of T <= 16 new tokens over a static KV cache, for CUDA-graph replays. Each query
+# row sees the cache slots up to its own limit (``lim``: its position for the target, the
+# block's last position for the draft), read from device memory, so the work follows the
+# filled length rather than the buffer size and no mask tensor is built. The G query heads
+# that share a KV head are stacked into tiles of 16 rows (g * T + t); the slots are split into
+# fixed chunks across programs (flash-decoding) and combined by a second kernel.
+#
+# Row invariance: a row's arithmetic does not depend on which other rows share its tile or on
+# T: tiles always have 16 rows (one MMA shape), chunk boundaries depend only on the cache
+# size, and blocks past a row's limit contribute exact zeros. So a token's attention output
+# is bitwise the same in an autoregressive step and inside a verified block.
+
+if triton is not None:
+    @triton.jit
+    def _attn_partial_kernel(q_ptr, k_ptr, v_ptr, lim_ptr, po_ptr, pm_ptr, pl_ptr,
+                             T, sm_scale, sq_h, sq_t, sk_h, sk_c,
+                             G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                             CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+        hk = tl.program_id(0)
+        sp = tl.program_id(1)
+        tile = tl.program_id(2)
+        rows = tile * 16 + tl.arange(0, 16)  # row = g * T + t
+        row_ok = rows < G * T
+        g = rows // T
+        t = rows % T
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + (hk * G + g)[:, None] * sq_h + t[:, None] * sq_t + d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        lim = tl.load(lim_ptr + t, mask=row_ok, other=-1)
+        length = tl.max(lim, axis=0) + 1
+        start = sp * CHUNK
+        end = tl.minimum(start + CHUNK, length)
+        m_i = tl.full((16,), float("-inf"), tl.float32)
+        l_i = tl.zeros((16,), tl.float32)
+        acc = tl.zeros((16, D), tl.float32)
+        kv = hk * sk_h
+        for s0 in range(start, end, BLOCK_N):
+            cols = s0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < end
+            k = tl.load(k_ptr + kv + cols[None, :] * sk_c + d[:, None], mask=col_ok[None, :], other=0.0)
+            s = tl.dot(q, k) * sm_scale
+            s = tl.where((cols[None, :] <= lim[:, None]) & col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + kv + cols[:, None] * sk_c + d[None, :], mask=col_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        base = (hk * SPLITS + sp) * G * T + rows  # partials: [Hkv, SPLITS, G*T]
+        tl.store(po_ptr + base[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(pm_ptr + base, m_i, mask=row_ok)
+        tl.store(pl_ptr + base, l_i, mask=row_ok)
+
+    @triton.jit
+    def _attn_combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, T, H,
+                             G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                             SPLITS_P2: tl.constexpr):
+        hk = tl.program_id(0)
+        row = tl.program_id(1)
+        sp = tl.arange(0, SPLITS_P2)
+        ok = sp < SPLITS
+        idx = (hk * SPLITS + sp) * G * T + row
+        m = tl.load(pm_ptr + idx, mask=ok, other=float("-inf"))
+        l = tl.load(pl_ptr + idx, mask=ok, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+        d = tl.arange(0, D)
+        o = tl.load(po_ptr + idx[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        g = row // T
+        t = row % T
+        tl.store(out_ptr + (t * H + hk * G + g) * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The kernel's envelope: CUDA, 16-bit, head_dim a power of two, <= 256 stacked rows."""
+    h, t, d = q.shape[1], q.shape[2], q.shape[3]
+    g = h // k_cache.shape[1]
+    return (ENABLED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and d in (64, 128, 256) and g * t <= 256 and k_cache.stride(-1) == 1)
+
+
+def attention_chunk(capacity: int) -> int:
+    """Slots per split: a function of the cache size only (see row invariance above)."""
+    return 64 * max(2, -(-capacity // (32 * 64)))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     lim: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """q [1, H, T, D], caches [1, Hkv, C, D], lim [T] (last visible slot of each query)
+    -> attention output [1, T, H * D] (the layout the output projection wants)."""
+    _, h, t, d = q.shape
+    hkv, cap = k_cache.shape[1], k_cache.shape[2]
+    g = h // hkv
+    chunk = attention_chunk(cap)
+    splits = -(-cap // chunk)
+    scale = d ** -0.5 if scale is None else scale
+    po = torch.empty((hkv, splits, g * t, d), device=q.device, dtype=torch.float32)
+    pm = torch.empty((hkv, splits, g * t), device=q.device, dtype=torch.float32)
+    pl = torch.empty_like(pm)
+    _attn_partial_kernel[(hkv, splits, triton.cdiv(g * t, 16))](
+        q, k_cache, v_cache, lim, po, pm, pl, t, scale, q.stride(1), q.stride(2),
+        k_cache.stride(1), k_cache.stride(2), G=g, D=d, SPLITS=splits, CHUNK=chunk,
+        BLOCK_N=64, num_warps=4, num_stages=2)
+    out = torch.empty((1, t, h * d), device=q.device, dtype=q.dtype)
+    _attn_combine_kernel[(hkv, g * t)](po, pm, pl, out, t, h, G=g, D=d, SPLITS=splits,
+                                       SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+    return out
