@@ -370,6 +370,21 @@ def test_every_variable_is_documented():
     text = (REPO / "docs" / "WRAPPERS.md").read_text()
     for var in set(launch.BENCHMARK_VARS) | set(launch.SWEEP_VARS):
         assert f"`{var}`" in text, var
+    for col in launch.CSV_COLUMNS:
+        assert f"`{col}`" in text, col
+
+
+def test_readme_carries_the_wrapper_docs_and_the_example_plot():
+    """README's batch-run section is docs/WRAPPERS.md (image path aside), plot included."""
+    readme = (REPO / "README.md").read_text()
+    wrappers = (REPO / "docs" / "WRAPPERS.md").read_text()
+    start = readme.index("## Batch runs: `run_benchmark.sh` and `run_block_sweep.sh`")
+    end = readme.index("\n## ", start + 1)
+    section = readme[start:end].strip()
+    assert section == wrappers.strip().replace("](example_sweep_plot.png)",
+                                               "](docs/example_sweep_plot.png)")
+    assert "![example sweep plot](docs/example_sweep_plot.png)" in section
+    assert is_png(REPO / "docs" / "example_sweep_plot.png")
 
 
 def test_failed_run_error_line(tmp_path):
