@@ -389,3 +389,17 @@ def sample_seed(seed: int, sample_id: str) -> int:
     """A per-sample seed independent of rank and order, so reruns and resumes match."""
     import zlib
     return (seed * 1_000_003 + zlib.crc32(sample_id.encode())) % (2**31)
+
+
+def reserve_for_prompts(decoder, pair, prompts, args, extra: int = 64) -> None:
+    """Size the decoder's caches for the longest conversation up front, before warm-up.
+
+    Growing the caches mid-run rebuilds the engine (and re-captures its CUDA graphs), which
+    would land inside a timed sample."""
+    longest = 0
+    for p in prompts:
+        turns = [{"role": "user", "content": t} for t in p["turns"]]
+        ids = encode_chat(pair.tokenizer, turns, enable_thinking=getattr(args, "enable_thinking", False),
+                          raw=getattr(args, "no_chat_template", False))
+        longest = max(longest, len(ids) + len(p["turns"]) * args.max_new_tokens)
+    decoder.reserve(longest + extra)

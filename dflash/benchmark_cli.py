@@ -115,6 +115,8 @@ def _generate_turns(decoder, pair, prompt, args, block_size, seed, profile):
 
 
 def warm_up(decoder, pair, prompts, args, block_size):
+    if prompts:
+        bench.reserve_for_prompts(decoder, pair, prompts, args)
     if not prompts or args.warmup_runs == 0:
         return
     ids = bench.encode_chat(pair.tokenizer, [{"role": "user", "content": prompts[0]["turns"][0]}],

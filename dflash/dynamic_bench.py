@@ -225,7 +225,9 @@ def dynamic_record(results, traces, candidates) -> dict:
     return rec
 
 
-def warm_up(decoder, pair, prompt, args, candidates, policy) -> None:
+def warm_up(decoder, pair, prompt, args, candidates, policy, prompts=()) -> None:
+    bench.reserve_for_prompts(decoder, pair, list(prompts) or [prompt], args,
+                              extra=max(candidates) + 64)
     if args.warmup_runs == 0:
         return
     ids = bench.encode_chat(pair.tokenizer, [{"role": "user", "content": prompt["turns"][0]}],
@@ -321,7 +323,8 @@ def main(argv=None) -> int:
             todo, lambda prompt: run_sample(decoder, pair, prompt, args, candidates, policy),
             stop=stop, records=records, dataset=args.dataset, log=log,
             continue_on_error=args.continue_on_error, rank=dist.rank,
-            warm_up=(lambda: warm_up(decoder, pair, (todo or mine)[0], args, candidates, policy))
+            warm_up=(lambda: warm_up(decoder, pair, (todo or mine)[0], args, candidates, policy,
+                                      todo or mine))
             if todo or mine else None,
             on_record=verbose_line)
 

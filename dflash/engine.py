@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .draft import DFlashDraftModel, rope_cos_sin
 from .graphs import (FusedLayer, GraphCache, draft_context_kv, maybe_compile, post_attention,
                      pre_attention)
 from .kernels import attention_supported, decode_attention, linear
+
+_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def text_config(model):
@@ -114,6 +117,14 @@ class StaticTargetEngine:
             self.v_cache[i].index_copy_(2, cache_slots, v)
             if self.fused and whole_buffer and attention_supported(q, self.k_cache[i]):
                 out = decode_attention(q, self.k_cache[i], self.v_cache[i], positions)
+            elif self.fused and kv_len == t and q.is_cuda:
+                # A fresh prompt: plain causal attention. cuDNN is skipped because it builds
+                # a new plan (~70 ms) for every prompt length, which lands in TTFT.
+                with sdpa_kernel(_PREFILL_BACKENDS):
+                    out = F.scaled_dot_product_attention(
+                        q, self.k_cache[i][:, :, :t], self.v_cache[i][:, :, :t], is_causal=True,
+                        enable_gqa=self.n_heads != self.n_kv)
+                out = out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
             else:
                 out = F.scaled_dot_product_attention(
                     q, self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len],

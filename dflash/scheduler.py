@@ -32,6 +32,12 @@ from typing import Iterable, Sequence
 from .errors import UserError
 
 DEFAULT_CANDIDATES = (8, 12, 16)
+# CostModelScheduler: a size's own mean tau caps the nested estimate once it has this much
+# (decayed) weight of observations, when it falls short of the estimate by more than this.
+DIRECT_MIN_WEIGHT = 4.0
+DIRECT_TOLERANCE = 0.3
+# EWMAScheduler: a probed candidate scoring this much below the current one is probed less often.
+PROBE_BAND = 0.15
 POLICIES = ("ewma", "costmodel")
 
 
@@ -114,11 +120,13 @@ class EWMAScheduler(_Bookkeeping):
     Warm-up: candidates are run round-robin (ascending) until each has ``warmup_cycles``
     measurements; then the best-scoring one becomes current. After warm-up, every
     ``probe_interval``-th cycle is a probe: one cycle at the least recently measured other
-    candidate, then back to current. After each measurement the best candidate by
+    candidate, then back to current; a candidate that scores more than 15% below the current one
+    when probed waits 2x, 4x, then 8x the interval for its next probe. After each measurement the best candidate by
     ``tau_hat / cycle_hat`` challenges the current one; it takes over once it has beaten the
     current score by more than ``switch_margin`` (relative) on ``required_streak`` consecutive
     updates. Low-acceptance fallback: ``low_accept_streak`` consecutive cycles at the current
-    size with ``tau / block_size < low_accept_threshold`` step down to the next smaller candidate.
+    size with ``tau / block_size < low_accept_threshold`` step down to the next smaller candidate,
+    provided that candidate's own score is within ``switch_margin`` of the current one's.
     No switch of either kind happens during the ``cooldown_cycles`` cycles after a switch.
     Cycles whose block size is not a candidate (e.g. a shortened tail block) only count in
     ``block_counts``; they do not touch the estimates.
@@ -149,6 +157,7 @@ class EWMAScheduler(_Bookkeeping):
         self.cycle_hat: dict[int, float | None] = {b: None for b in self.candidates}
         self.n_obs = {b: 0 for b in self.candidates}
         self._last_seen = {b: -1 for b in self.candidates}  # update counter of last measurement
+        self._backoff = {b: 1 for b in self.candidates}  # probe-interval multiplier per candidate
         self.current: int | None = None
         self._rr = 0                 # round-robin pointer for warm-up
         self._post_warmup = 0        # decisions made after warm-up (drives probes)
@@ -189,11 +198,15 @@ class EWMAScheduler(_Bookkeeping):
                     return b
         self._ensure_current()
         self._post_warmup += 1
-        others = [b for b in self.candidates if b != self.current]
+        # A candidate that stays clearly worse when probed is probed less and less often
+        # (interval x1, x2, x4, x8), so probing a poor size costs little.
+        others = [b for b in self.candidates if b != self.current
+                  and self.cycles - self._last_seen[b] >= self.probe_interval * self._backoff[b]]
         if (self.probe_interval and others
                 and self._post_warmup % self.probe_interval == 0):
             b = min(others, key=lambda c: (self._last_seen[c], c))
             self.probes += 1
+            self._probing = b
             self.trace.append((b, "probe"))
             return b
         self.trace.append((self.current, "current"))
@@ -213,6 +226,10 @@ class EWMAScheduler(_Bookkeeping):
         self._last_seen[block_size] = self.cycles
         if self.warming_up:
             return
+        if getattr(self, "_probing", None) == block_size and self.current is not None:
+            worse = self.score(block_size) < self.score(self.current) * (1.0 - PROBE_BAND)
+            self._backoff[block_size] = min(8, 2 * self._backoff[block_size]) if worse else 1
+        self._probing = None
         self._ensure_current()
 
         in_cooldown = self._cooldown > 0
@@ -226,7 +243,11 @@ class EWMAScheduler(_Bookkeeping):
             else:
                 self._low_streak = 0
         smaller = [b for b in self.candidates if b < self.current]
-        if not in_cooldown and smaller and self._low_streak >= self.low_accept_streak:
+        # The step-down is taken only when the smaller size is competitive by its own
+        # measurements: with a draft trained at one block size, a smaller block can accept
+        # far less, and a burst of early rejections is no reason to switch to it.
+        if (not in_cooldown and smaller and self._low_streak >= self.low_accept_streak
+                and self.score(smaller[-1]) >= self.score(self.current) * (1.0 - self.switch_margin)):
             self._switch_to(smaller[-1])
             self.fallbacks += 1
             return
@@ -311,6 +332,8 @@ class CostModelScheduler(_Bookkeeping):
         n = self.max_block_size
         self._at_risk = [0.0] * n   # index k = draft position k (1..n-1); index 0 unused
         self._accepted = [0.0] * n
+        # tau measured at each size itself (decayed per own cycle): caps the nested estimate
+        self._direct = {b: [0.0, 0.0] for b in self.candidates}  # [weighted tau sum, weight]
         self._cost_seen = {}
         for b in self.candidates:
             if not keep_costs:
@@ -335,18 +358,26 @@ class CostModelScheduler(_Bookkeeping):
 
     def acceptance_rates(self) -> list[float]:
         """Estimated conditional acceptance rate of draft positions 1..max_block_size-1."""
-        pooled = (sum(self._accepted) + 0.5) / (sum(self._at_risk) + 1.0)
+        at_risk, accepted = self._at_risk, self._accepted
+        pooled = (sum(accepted) + 0.5) / (sum(at_risk) + 1.0)
         w = self.prior_weight
-        return [(self._accepted[k] + w * pooled) / (self._at_risk[k] + w)
+        return [(accepted[k] + w * pooled) / (at_risk[k] + w)
                 for k in range(1, self.max_block_size)]
 
     def expected_tau(self, b: int, rates: list[float] | None = None) -> float:
-        """``E[tau(b)]`` under the acceptance model."""
+        """``E[tau(b)]`` under the acceptance model, capped by what size b itself achieved.
+
+        The nested model assumes a run seen at a large block predicts any smaller block; a
+        draft trained at one block size breaks that (its smaller blocks accept less), so once a
+        size has its own measurements (warm-up, probes), their mean caps the estimate."""
         rates = self.acceptance_rates() if rates is None else rates
         expected, survive = 1.0, 1.0
         for k in range(1, b):
             survive *= rates[k - 1]
             expected += survive
+        total, weight = self._direct.get(b, (0.0, 0.0))
+        if weight >= DIRECT_MIN_WEIGHT:  # only a clear shortfall, not sampling noise
+            expected = min(expected, total / weight / (1.0 - DIRECT_TOLERANCE))
         return expected
 
     def scores(self) -> dict[int, float]:
@@ -422,6 +453,9 @@ class CostModelScheduler(_Bookkeeping):
         if d < 1.0:
             self._at_risk = [x * d for x in self._at_risk]
             self._accepted = [x * d for x in self._accepted]
+        direct = self._direct[b]
+        direct[0] = direct[0] * d + tau
+        direct[1] = direct[1] * d + 1.0
         acc = tau - 1
         for k in range(1, acc + 1):
             self._at_risk[k] += 1.0

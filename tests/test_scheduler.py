@@ -61,6 +61,7 @@ def warm(s, values):
 
 FLAT = lambda b: 0.010                     # eager GPU: every cycle costs about the same
 STEEP = lambda b: 0.010 + 0.0015 * b       # cost growing with the block
+MILD = lambda b: 0.010 + 0.0004 * b        # slightly growing (small model on a GPU)
 
 
 # --------------------------------------------------------------------------- EWMA: spec behaviour
@@ -157,7 +158,7 @@ def test_cooldown_blocks_switching():
 
 def test_probes_at_the_stated_interval_least_recently_measured_first():
     s = EWMAScheduler(candidates=[8, 12, 16], probe_interval=5, low_accept_threshold=0.0)
-    values = {8: (5, 1.0), 12: (6, 1.0), 16: (8, 1.0)}
+    values = {8: (7.2, 1.0), 12: (7.4, 1.0), 16: (8, 1.0)}  # within the probe band
     warm(s, values)
     n_warm = len(s.trace)
     for _ in range(40):
@@ -172,6 +173,22 @@ def test_probes_at_the_stated_interval_least_recently_measured_first():
     for i, (b, why) in enumerate(after[:-1]):
         if why == "probe":
             assert after[i + 1] == (16, "current")
+
+
+def test_clearly_worse_candidates_are_probed_less_and_less_often():
+    s = EWMAScheduler(candidates=[8, 16], probe_interval=4, low_accept_threshold=0.0)
+    values = {8: (2, 1.0), 16: (8, 1.0)}  # b=8 scores 75% below b=16
+    warm(s, values)
+    n_warm = len(s.trace)
+    for _ in range(120):
+        b = s.select(s.cycles)
+        feed(s, b, *values[b])
+    after = s.trace[n_warm:]
+    probe_at = [i + 1 for i, (_, why) in enumerate(after) if why == "probe"]
+    gaps = [b - a for a, b in zip(probe_at, probe_at[1:])]
+    # interval x2, x4, x8 (probes fall on every 4th cycle, so gaps round up to a multiple)
+    assert gaps[0] >= 8 and gaps[1] >= 16 and gaps[2] >= 32 and gaps[0] < gaps[1] < gaps[2]
+    assert all(32 <= g <= 36 for g in gaps[3:])  # capped at x8
 
 
 def test_low_acceptance_fallback_steps_down():
@@ -343,3 +360,37 @@ def test_schedulers_drive_the_decoder_losslessly(make):
     assert res.output_ids == ref
     assert {c.block_size for c in res.cycles} <= set(policy.candidates)
     assert policy.cycles == len(res.cycles) == sum(policy.block_counts.values())
+
+
+def simulate_trained_at_16(policy, cost, tokens=8000, seed=0):
+    """A draft trained only at b=16 on bimodal text (as the embedded pair on code): cycles
+    either reject the first proposal (45%) or accept a long run; at b < 16 the draft is
+    weaker (each position survives with 0.6 instead of 0.97). Tokens per simulated second."""
+    rng = random.Random(seed)
+    done, elapsed, i = 0, 0.0, 0
+    while done < tokens:
+        b = policy.select(i)
+        keep = 0.97 if b == 16 else 0.6
+        run = 0
+        if rng.random() > 0.45:
+            while run < b - 1 and rng.random() < keep:
+                run += 1
+        c = cost(b) * max(0.5, 1.0 + 0.03 * rng.gauss(0.0, 1.0))
+        policy.update(run + 1, c, b, i)
+        done += run + 1
+        elapsed += c
+        i += 1
+    return done / elapsed
+
+
+@pytest.mark.parametrize("make, cost", [(EWMAScheduler, FLAT), (EWMAScheduler, MILD),
+                                        (CostModelScheduler, FLAT)],
+                         ids=["ewma-flat", "ewma-mild", "costmodel-flat"])
+def test_bursty_rejections_with_a_b16_trained_draft_keep_the_large_block(make, cost):
+    """Regression (H100 run, builtin-code, 2026-11-27): the low-acceptance fallback and the
+    nested acceptance model sent both schedulers to b=8, where this kind of draft accepts
+    far less (0.80x / 0.63x of fixed b=16). Known limit: when smaller blocks are also cheaper
+    (MILD), the cost model's nested assumption still settles on b=8 (docs/DYNAMIC.md)."""
+    rate = lambda m: sum(simulate_trained_at_16(m(), cost, seed=s) for s in range(4)) / 4
+    best = max(rate(lambda b=b: FixedPolicy(b)) for b in (8, 12, 16))
+    assert rate(make) >= 0.98 * best
