@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from .cpu_engine import CpuDraftEngine
 from .draft import DFlashDraftModel
 from .engine import DraftEngine, HFTargetEngine, StaticTargetEngine, decoder_parts
 from .errors import UserError
@@ -154,8 +155,13 @@ class SpeculativeDecoder:
                                                          **opts)
             if self.draft is not None:
                 embed, _, _, lm_head, _ = decoder_parts(self.target)
-                self._draft_engine = DraftEngine(self.draft, embed, lm_head, capacity,
-                                                 **(opts if self.engine_name != "hf" else {}))
+                if self.engine_name == "static" and CpuDraftEngine.suits(self.draft, lm_head,
+                                                                        self.device):
+                    # Same draft math with fewer, faster CPU kernels (dflash/cpu_engine.py).
+                    self._draft_engine = CpuDraftEngine(self.draft, embed, lm_head, capacity)
+                else:
+                    self._draft_engine = DraftEngine(self.draft, embed, lm_head, capacity,
+                                                     **(opts if self.engine_name != "hf" else {}))
         return self._target_engine, self._draft_engine
 
     @torch.inference_mode()
