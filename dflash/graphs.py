@@ -35,13 +35,15 @@ class _Captured:
 
 
 class GraphCache:
-    """Calls ``fn(*tensors)`` through one CUDA graph per distinct input shape (or eagerly)."""
+    """Calls ``fn(*tensors)`` through one CUDA graph per distinct input shape (or eagerly).
 
-    _pool = None
+    The graphs of one cache share a memory pool that lives as long as the cache (a pool
+    shared across engines outlives the graphs of a deleted engine and trips the allocator)."""
 
     def __init__(self, fn, enabled: bool):
         self.fn, self.enabled = fn, enabled
         self.graphs: dict = {}
+        self._pool = None
 
     def __call__(self, *args):
         if not self.enabled or not args[0].is_cuda:  # CPU: same fixed-shape semantics, eagerly
@@ -49,9 +51,9 @@ class GraphCache:
         key = tuple((tuple(a.shape), a.dtype) for a in args)
         graph = self.graphs.get(key)
         if graph is None:
-            if GraphCache._pool is None:
-                GraphCache._pool = torch.cuda.graph_pool_handle()
-            graph = self.graphs[key] = _Captured(self.fn, args, GraphCache._pool)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = self.graphs[key] = _Captured(self.fn, args, self._pool)
         return graph.run(args)
 
 

@@ -291,6 +291,8 @@ def main(argv=None) -> int:
               f"projected {r['projected_tokens_per_s']['value']:.0f} tok/s ({r['measure_s']:.0f} s)",
               flush=True)
     del target, draft
+    out = Path(args.out_dir)
+    atomic_write_json(out / "perf.json", report)  # the engine table survives a failure below
     if not args.skip_embedded:
         report["embedded"] = embedded_end_to_end(device, dtype, args.engines.split(","),
                                                  args.embedded_prompts, args.embedded_max_new)
