@@ -329,9 +329,5 @@ def print_summary(s: dict, path: str) -> None:
                          f"{spec['verify_ms_per_cycle']:.2f} ms")
     if s["greedy_match_rate"] is not None:
         lines.append(f"greedy outputs identical to baseline: {100 * s['greedy_match_rate']:.0f}% of samples")
-    if s["samples_failed"]:
-        lines.append(f"failed samples: {s['samples_failed']}")
-    if units.incomplete_line(s):
-        lines.append(units.incomplete_line(s))
-    lines.append(f"results: {path}")
+    lines += units.closing_lines(s, path)
     print("\n".join(lines))

@@ -81,6 +81,17 @@ class GenerationResult:
         return sum(c.tau for c in self.cycles) / len(self.cycles) if self.cycles else 0.0
 
 
+def emit(output: list[int], new_tokens: list[int], stops: set[int], max_new_tokens: int) -> bool:
+    """Append a cycle's tokens up to a stop token or the length limit; True if stopped."""
+    for tok in new_tokens:
+        output.append(tok)
+        if tok in stops:
+            return True
+        if len(output) >= max_new_tokens:
+            break
+    return False
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -254,13 +265,7 @@ class SpeculativeDecoder:
                     draft.append_context(t_feats, pos)
             last = nxt[acc:acc + 1]
             start += tau
-            for tok in new_tokens:
-                output.append(tok)
-                if tok in stops:
-                    stopped = True
-                    break
-                if len(output) >= max_new_tokens:
-                    break
+            stopped = emit(output, new_tokens, stops, max_new_tokens)
             cycle_s = time.perf_counter() - c0
             stat = CycleStat(block_size=b, tau=tau, cycle_s=cycle_s)
             if timer:

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import ENGINES, CycleStat, GenerationResult, _sync
+from .decoding import ENGINES, CycleStat, GenerationResult, _sync, emit
 from .engine import DraftEngine, HFTargetEngine, StaticTargetEngine, decoder_parts
 from .errors import UserError
 from .sampling import multiround_accept, probs_at
@@ -388,13 +388,7 @@ class MultiRoundDecoder:
             c0 = time.perf_counter()
             new_tokens, last, start = step(target, draft, last, start, temperature, generator, res)
             res.target_passes += 1
-            for tok in new_tokens:
-                output.append(tok)
-                if tok in stops:
-                    stopped = True
-                    break
-                if len(output) >= max_new_tokens:
-                    break
+            stopped = emit(output, new_tokens, stops, max_new_tokens)
             res.cycles.append(CycleStat(block_size=self.sizes[0] if self.mode == "tree" else 1,
                                         tau=len(new_tokens), cycle_s=time.perf_counter() - c0))
         _sync(self.device)

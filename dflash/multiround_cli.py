@@ -336,9 +336,5 @@ def print_summary(s: dict, path: str) -> None:
         h = " ".join(f"{k}:{100 * v / total:.1f}%" for k, v in hist.items())
         lines.append(f"{_label(cfg, m)}: per-round acceptance {rates}")
         lines.append(f"{_label(cfg, m)}: accepting round of each drawn token {h}")
-    if s["samples_failed"]:
-        lines.append(f"failed samples: {s['samples_failed']}")
-    if units.incomplete_line(s):
-        lines.append(units.incomplete_line(s))
-    lines.append(f"results: {path}")
+    lines += units.closing_lines(s, path)
     print("\n".join(lines))

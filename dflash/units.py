@@ -140,3 +140,11 @@ def incomplete_line(s: dict) -> str | None:
                     "(rerun with --resume)")
         return "run incomplete: the summary covers the finished samples only (rerun with --resume)"
     return None
+
+
+def closing_lines(s: dict, path) -> list[str]:
+    """The last lines of every CLI's printed summary: failures, completeness, where it is."""
+    lines = [f"failed samples: {s['samples_failed']}"] if s.get("samples_failed") else []
+    if incomplete_line(s):
+        lines.append(incomplete_line(s))
+    return lines + [f"results: {path}"]
