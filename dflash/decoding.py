@@ -179,8 +179,16 @@ class SpeculativeDecoder:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  stop_token_ids=None, block_size: int | None = None,
                  policy: BlockPolicy | None = None, generator: torch.Generator | None = None,
-                 collect_profile: bool = False, max_block_size: int | None = None) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` after ``input_ids`` [1, P] (or [P])."""
+                 collect_profile: bool = False, max_block_size: int | None = None,
+                 draft_block_size: int | None = None) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` after ``input_ids`` [1, P] (or [P]).
+
+        ``draft_block_size`` (truncation mode): a cycle of block size ``b`` smaller than it
+        still drafts a full block of ``draft_block_size`` tokens (the size the draft was
+        trained at) and verifies only its first ``b`` (anchor + first ``b-1`` proposals), so
+        a small block is a prefix of the large one instead of a weaker draft. ``None``: the
+        draft runs natively at ``b``. Lossless either way: each position's proposal is drawn
+        independently, so the verified prefix is distributed as its own marginals."""
         if policy is None:
             policy = FixedPolicy(block_size or (self.draft.block_size if self.draft else 1))
         if temperature < 0:
@@ -191,6 +199,10 @@ class SpeculativeDecoder:
             return GenerationResult(output_ids=[], prompt_len=prompt_len, ttft_s=0.0, total_s=0.0)
         stops = set(int(s) for s in (stop_token_ids or []))
         biggest = max_block_size or getattr(policy, "max_block_size", None) or 64
+        if draft_block_size is not None:
+            if draft_block_size < 2:
+                raise UserError(f"draft block size must be >= 2, got {draft_block_size}")
+            biggest = max(biggest, draft_block_size)
         target, draft = self._engines(prompt_len + max_new_tokens + biggest + 1)
         if isinstance(policy, FixedPolicy) and policy.block_size == 1:
             draft = None  # the autoregressive baseline does no draft work at all
@@ -226,9 +238,13 @@ class SpeculativeDecoder:
             kv = start + b if eager else None
             ev = [timer.mark()] if timer else None
             if b > 1:
-                block = torch.full((1, b), mask_id, dtype=ids.dtype, device=self.device)
+                # Truncation mode drafts at the trained size and keeps the first b-1 proposals.
+                nd = max(b, draft_block_size or b)
+                dpos = pos if nd == b else torch.arange(start, start + nd, device=self.device)
+                block = torch.full((1, nd), mask_id, dtype=ids.dtype, device=self.device)
                 block[0, 0] = last[0]
-                d_logits = draft.propose_logits(block, pos, kv_len=kv)[0]  # [b-1, V]
+                d_logits = draft.propose_logits(block, dpos, kv_len=start + nd if eager else None)
+                d_logits = d_logits[0, :b - 1]  # [b-1, V]
                 if greedy:
                     proposals = d_logits.argmax(dim=-1)
                 else:
