@@ -2,7 +2,9 @@
 
 For each prompt, on the same loaded models and engine: the autoregressive baseline (block
 size 1), the dynamic scheduler (``--policy ewma``, the spec's EWMA scheduler, or
-``--policy costmodel``), and with ``--compare-static`` every candidate as a fixed block size.
+``--policy costmodel``), and with ``--compare-static`` every candidate as a fixed block size,
+both natively and truncated (see ``--draft-block-size``); "best fixed" is the best of all of
+them.
 Prints TPOT, tokens/s, speedup, tau, block usage, switch rate and, with --compare-static, the
 fixed-size table with the dynamic / best-fixed ratio. The per-sample JSONL carries the
 dynamic run's per-cycle trace (block size, tau, cycle time, why the scheduler chose it).
@@ -69,8 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tau / block size below this counts as low acceptance (default 0.35)")
     g.add_argument("--low-accept-streak", type=int, default=None,
                    help="low-acceptance cycles in a row that step down one size (default 2)")
+    p.add_argument("--draft-block-size", type=int, default=None,
+                   help="truncation mode: the draft always drafts this many tokens (its trained "
+                        "block size is the default) and a cycle of block size b verifies only "
+                        "the first b, so a smaller block is a prefix of the trained-size one "
+                        "rather than a weaker draft; 0 = native: the draft drafts at the chosen "
+                        "b (sizes above it always draft natively)")
+    p.add_argument("--keep-estimates", action="store_true",
+                   help="keep the scheduler's estimates and current size across prompts (warm-up "
+                        "on the first prompt only); default: start afresh per prompt, as the "
+                        "spec's scheduler does")
     p.add_argument("--compare-static", action="store_true",
-                   help="also run every candidate as a fixed block size on the same samples")
+                   help="also run every candidate as a fixed block size on the same samples, "
+                        "natively and (below the truncation size) truncated; 'best fixed' is the "
+                        "best of all of these runs")
     p.add_argument("--skip-baseline", action="store_true",
                    help="do not run the autoregressive baseline")
     p.add_argument("--warmup-runs", type=int, default=1,
@@ -97,6 +111,10 @@ def check_args(args) -> list[int]:
     candidates = parse_candidates(args.candidate_block_sizes)
     if args.warmup_runs < 0:
         raise UserError(f"--warmup-runs must be >= 0, got {args.warmup_runs}")
+    if args.draft_block_size is not None and (args.draft_block_size < 0
+                                              or args.draft_block_size == 1):
+        raise UserError(f"--draft-block-size must be 0 (native) or >= 2, "
+                        f"got {args.draft_block_size}")
     try:  # validate the scheduler flags before any model loads, naming the flag
         make_policy(args, candidates)
     except UserError as err:
@@ -122,12 +140,28 @@ def run_config(args, model_name: str, draft_name: str, draft_block_size: int | N
     return {"script": SCRIPT, "dataset": args.dataset, "max_samples": args.max_samples,
             "model": model_name, "draft": draft_name,
             "draft_block_size": draft_block_size, "candidates": candidates,
-            "policy": args.policy, "scheduler": settings,
+            "truncate_to": truncate_to(args, draft_block_size),
+            "policy": args.policy, "scheduler": settings, "keep_estimates": args.keep_estimates,
             "compare_static": args.compare_static, "skip_baseline": args.skip_baseline,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
             "engine": args.engine, "enable_thinking": args.enable_thinking,
             "chat_template": not args.no_chat_template}
+
+
+def truncate_to(args, trained: int | None) -> int | None:
+    """The draft block size of truncation mode (None: native; also None while unknown)."""
+    return None if args.draft_block_size == 0 else (args.draft_block_size or trained)
+
+
+def static_modes(candidates, trunc: int | None) -> list[tuple[str, int, int | None]]:
+    """--compare-static runs: (label, b, truncation size). Every candidate natively ("8"), and
+    those below the truncation size also truncated ("8/16": 8 verified of 16 drafted). The
+    callers pass the truncation size, or in native mode the draft's trained size: both kinds
+    of fixed run are always compared."""
+    modes = [(str(b), b, None) for b in candidates]
+    modes += [(f"{b}/{trunc}", b, trunc) for b in candidates if trunc and b < trunc]
+    return modes
 
 
 def summary_path(args) -> str:
@@ -147,7 +181,7 @@ def precheck(args, candidates, device, model_name: str, draft_name: str) -> None
     planned = run_config(args, model_name, draft_name, draft_b, dtype, candidates)
     bench.check_writable(summary_path(args), "summary path")
     runlog.precheck(args.save_outputs_path, planned, args.resume,
-                    unknown=() if draft_b is not None else ("draft_block_size",))
+                    unknown=() if draft_b is not None else ("draft_block_size", "truncate_to"))
 
 
 _ATTRS = {
@@ -164,9 +198,10 @@ _ATTRS = {
 
 # ----------------------------------------------------------------------------- running
 def _generate_turns(decoder, pair, prompt, args, seed, *, block_size=None, policy=None,
-                    max_block_size=None):
+                    max_block_size=None, trunc=None):
     """Every turn of a prompt (later turns see earlier replies). A scheduler starts afresh on
-    each turn; the cost model keeps its cycle-cost measurements (a hardware property)."""
+    each turn (unless --keep-estimates); the cost model keeps its cycle-cost measurements (a
+    hardware property)."""
     stops = bench.stop_token_ids(pair)
     messages, results, texts, traces = [], [], [], []
     gen = torch.Generator(device=pair.device).manual_seed(seed)
@@ -176,10 +211,11 @@ def _generate_turns(decoder, pair, prompt, args, seed, *, block_size=None, polic
                                 raw=args.no_chat_template)
         input_ids = torch.tensor([ids], device=pair.device)
         if policy is not None:
-            _reset(policy)
+            _reset(policy, args.keep_estimates)
         res = decoder.generate(input_ids, args.max_new_tokens, temperature=args.temperature,
                                stop_token_ids=stops, block_size=block_size, policy=policy,
-                               generator=gen, max_block_size=max_block_size)
+                               generator=gen, max_block_size=max_block_size,
+                               draft_block_size=trunc)
         results.append(res)
         if policy is not None:
             traces.append(_trace(res, policy))
@@ -189,11 +225,11 @@ def _generate_turns(decoder, pair, prompt, args, seed, *, block_size=None, polic
     return results, texts, traces
 
 
-def _reset(policy) -> None:
+def _reset(policy, keep_estimates: bool = False) -> None:
     if isinstance(policy, CostModelScheduler):
-        policy.reset(keep_costs=True)
+        policy.reset(keep_costs=True, keep_estimates=keep_estimates)
     else:
-        policy.reset()
+        policy.reset(keep_estimates=keep_estimates)
 
 
 def _trace(res, policy) -> dict:
@@ -225,26 +261,29 @@ def dynamic_record(results, traces, candidates) -> dict:
     return rec
 
 
-def warm_up(decoder, pair, prompt, args, candidates, policy, prompts=()) -> None:
+def warm_up(decoder, pair, prompt, args, candidates, policy, trunc, prompts=()) -> None:
     bench.reserve_for_prompts(decoder, pair, list(prompts) or [prompt], args,
-                              extra=max(candidates) + 64)
+                              extra=max(candidates + [trunc or 0]) + 64)
     if args.warmup_runs == 0:
         return
     ids = bench.encode_chat(pair.tokenizer, [{"role": "user", "content": prompt["turns"][0]}],
                             enable_thinking=args.enable_thinking, raw=args.no_chat_template)
     input_ids = torch.tensor([ids], device=pair.device)
     n = min(args.max_new_tokens, 64)
-    sizes = ([] if args.skip_baseline else [1]) + (candidates if args.compare_static else [])
+    modes = ([] if args.skip_baseline else [(1, None)]) + \
+        ([(b, t) for _, b, t in static_modes(candidates, trunc or pair.draft.block_size)]
+         if args.compare_static else [])
     for _ in range(args.warmup_runs):
-        for b in sizes:
+        for b, t in modes:
             decoder.generate(input_ids, n, temperature=args.temperature, block_size=b,
-                             max_block_size=max(candidates))  # same buffers in every mode
+                             max_block_size=max(candidates), draft_block_size=t)  # same buffers
         _reset(policy)
-        decoder.generate(input_ids, n, temperature=args.temperature, policy=policy)
+        decoder.generate(input_ids, n, temperature=args.temperature, policy=policy,
+                         draft_block_size=trunc)
     policy.reset()  # warm-up timings (first-call overheads) must not seed the cost model
 
 
-def run_sample(decoder, pair, prompt, args, candidates, policy) -> dict:
+def run_sample(decoder, pair, prompt, args, candidates, policy, trunc) -> dict:
     seed = bench.sample_seed(args.seed, prompt["id"])
     rec = {"id": prompt["id"], "dataset": args.dataset, "category": prompt["category"]}
     base = None
@@ -255,11 +294,12 @@ def run_sample(decoder, pair, prompt, args, candidates, policy) -> dict:
         rec["prompt_tokens"] = base[0].prompt_len
     if args.compare_static:
         rec["static"] = {}
-        for b in candidates:
+        for label, b, t in static_modes(candidates, trunc or pair.draft.block_size):
             res, _, _ = _generate_turns(decoder, pair, prompt, args, seed, block_size=b,
-                                        max_block_size=max(candidates))
-            rec["static"][str(b)] = measure(res, b)
-    dyn, texts, traces = _generate_turns(decoder, pair, prompt, args, seed, policy=policy)
+                                        max_block_size=max(candidates), trunc=t)
+            rec["static"][label] = measure(res, b)
+    dyn, texts, traces = _generate_turns(decoder, pair, prompt, args, seed, policy=policy,
+                                         trunc=trunc)
     rec["dynamic"] = dynamic_record(dyn, traces, candidates)
     rec["prompt_tokens"] = dyn[0].prompt_len
     rec["output_text"] = texts
@@ -291,6 +331,10 @@ def main(argv=None) -> int:
     if dist.main and max(candidates) > trained:
         print(f"note: candidates above the draft's training block size ({trained}) usually "
               "accept less than it does", file=sys.stderr)
+    trunc = truncate_to(args, trained)
+    if dist.main and trunc and trunc != trained:
+        print(f"note: --draft-block-size {trunc} differs from the draft's training block size "
+              f"({trained})", file=sys.stderr)
     torch.manual_seed(args.seed)
     config = run_config(args, pair.target_name, pair.draft_name, pair.draft.block_size,
                         pair.dtype, candidates)
@@ -320,11 +364,12 @@ def main(argv=None) -> int:
 
     with GracefulStop() as stop:  # SIGINT/SIGTERM: drop the unit in progress, keep the rest
         failure = units.run_units(
-            todo, lambda prompt: run_sample(decoder, pair, prompt, args, candidates, policy),
+            todo, lambda prompt: run_sample(decoder, pair, prompt, args, candidates, policy,
+                                            trunc),
             stop=stop, records=records, dataset=args.dataset, log=log,
             continue_on_error=args.continue_on_error, rank=dist.rank,
             warm_up=(lambda: warm_up(decoder, pair, (todo or mine)[0], args, candidates, policy,
-                                      todo or mine))
+                                      trunc, todo or mine))
             if todo or mine else None,
             on_record=verbose_line)
 
@@ -371,11 +416,13 @@ def build_summary(args, config, records, candidates, device, source, world, stat
             dyn[key] = sum(r["dynamic"][key] for r in ok)
     static = {}
     if args.compare_static:
-        for b in candidates:
-            s = summarize([r.get("static", {}).get(str(b)) for r in ok])
+        trunc = config["truncate_to"] or config["draft_block_size"]
+        for label, _, _ in static_modes(candidates, trunc):
+            s = summarize([r.get("static", {}).get(label) for r in ok])
             if s:
                 s["speedup"] = speedup(base, s)
-                static[str(b)] = s
+                static[label] = s
+    # the bar is strict: the best of every fixed run, native and truncated
     best_fixed = min(static, key=lambda b: static[b]["tpot"]) if static else None
     matches = [r["greedy_match"] for r in ok if "greedy_match" in r]
     return {
@@ -387,7 +434,8 @@ def build_summary(args, config, records, candidates, device, source, world, stat
         "dynamic": dyn,
         "speedup": speedup(base, dyn),
         "static": static or None,
-        "best_fixed_block_size": int(best_fixed) if best_fixed else None,
+        "best_fixed": best_fixed,
+        "best_fixed_block_size": int(best_fixed.split("/")[0]) if best_fixed else None,
         "dynamic_vs_best_fixed": (static[best_fixed]["tpot"] / dyn["tpot"])
         if best_fixed and dyn and dyn["tpot"] > 0 else None,
         "greedy_match_rate": sum(matches) / len(matches) if matches else None,
@@ -407,6 +455,9 @@ def format_summary(s: dict, path: str) -> str:
         f"{','.join(map(str, cfg['candidates']))}) ==",
         f"target {cfg['model']} | draft {cfg['draft']} (b{cfg['draft_block_size']}) | "
         f"{cfg['dtype']} | engine {cfg['engine']}",
+        "draft mode: " + (f"truncation (drafts {cfg['truncate_to']}, verifies b)"
+                          if cfg.get("truncate_to") else "native (drafts at b)")
+        + (" | scheduler estimates kept across prompts" if cfg.get("keep_estimates") else ""),
         f"hardware: {env['gpu_name']} | CUDA {env['cuda_version']} | torch {env['torch_version']}",
         "scheduler: " + ", ".join(f"{k}={v}" for k, v in cfg["scheduler"].items()),
     ]
@@ -419,8 +470,9 @@ def format_summary(s: dict, path: str) -> str:
 
     if base:
         row("baseline (b=1)", base, None)
-    for b, m in (s.get("static") or {}).items():
-        row(f"fixed b={b}", m, m.get("speedup"))
+    for label, m in (s.get("static") or {}).items():
+        b, _, t = label.partition("/")
+        row(f"fixed b={b}" + (f" (of {t})" if t else ""), m, m.get("speedup"))
     if dyn:
         row(f"dynamic ({cfg['policy']})", dyn, s.get("speedup"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -435,7 +487,7 @@ def format_summary(s: dict, path: str) -> str:
                      f"{dyn['probes']} probes over {dyn['cycles']} cycles)")
         lines.append(f"acceptance histogram: {format_histogram(dyn['acceptance_histogram'])}")
     if s.get("dynamic_vs_best_fixed") is not None:
-        lines.append(f"dynamic / best fixed (b={s['best_fixed_block_size']}): "
+        lines.append(f"dynamic / best fixed (b={s['best_fixed']}): "
                      f"{s['dynamic_vs_best_fixed']:.3f}x (TPOT ratio; > 1 means dynamic is faster)")
     if s["greedy_match_rate"] is not None:
         lines.append(f"greedy outputs identical to baseline: {100 * s['greedy_match_rate']:.0f}% "

@@ -20,7 +20,9 @@ cycle cost ``c(b)`` of each candidate a few times, and runs ``argmax_b E[tau(b)]
 
 Pure Python: no torch import, so the schedulers can be unit-tested on synthetic traces.
 One instance follows one generation; call ``reset()`` between prompts (``CostModelScheduler``
-can keep its cost measurements across prompts: ``reset(keep_costs=True)``).
+can keep its cost measurements across prompts: ``reset(keep_costs=True)``). Both can also keep
+all their estimates and their current choice: ``reset(keep_estimates=True)`` (a long-running
+server would; the spec's scheduler starts afresh per prompt, which is the default).
 """
 from __future__ import annotations
 
@@ -151,8 +153,16 @@ class EWMAScheduler(_Bookkeeping):
         self.max_block_size = self.candidates[-1]
         self.reset()
 
-    def reset(self) -> None:
-        """Forget everything: start a new generation."""
+    def reset(self, keep_estimates: bool = False) -> None:
+        """Start a new generation: forget everything, or with ``keep_estimates`` keep the
+        EWMAs, probe back-offs and current size (no new warm-up), and only restart counters."""
+        if keep_estimates and self.current is not None:
+            # probe staleness is counted in cycles of this generation: carry it over
+            self._last_seen = {b: s - self.cycles for b, s in self._last_seen.items()}
+            self._challenger, self._streak, self._cooldown, self._low_streak = None, 0, 0, 0
+            self._probing = None
+            self._reset_counters()
+            return
         self.tau_hat: dict[int, float | None] = {b: None for b in self.candidates}
         self.cycle_hat: dict[int, float | None] = {b: None for b in self.candidates}
         self.n_obs = {b: 0 for b in self.candidates}
@@ -326,9 +336,15 @@ class CostModelScheduler(_Bookkeeping):
                                          for b in self.candidates}
         self.reset()
 
-    def reset(self, keep_costs: bool = False) -> None:
+    def reset(self, keep_costs: bool = False, keep_estimates: bool = False) -> None:
         """Start a new generation; ``keep_costs`` keeps the cycle-cost measurements (a property
-        of the hardware, not of the prompt) so the next prompt skips the warm-up."""
+        of the hardware, not of the prompt) so the next prompt skips the warm-up;
+        ``keep_estimates`` keeps those, the acceptance model and the current size too."""
+        if keep_estimates and self.current is not None:
+            self._cost_seen = {b: s - self.cycles for b, s in self._cost_seen.items()}
+            self._challenger, self._streak = None, 0
+            self._reset_counters()
+            return
         n = self.max_block_size
         self._at_risk = [0.0] * n   # index k = draft position k (1..n-1); index 0 unused
         self._accepted = [0.0] * n

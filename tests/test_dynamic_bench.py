@@ -62,8 +62,15 @@ def test_spec_command_runs_with_compare_static(pair, tmp_path):
     assert set(dyn["block_usage"]) == {"8", "12", "16"}
     assert abs(sum(dyn["block_usage"].values()) - 1.0) < 1e-9
     assert 0.0 <= dyn["switch_rate"] <= 1.0
-    assert set(summary["static"]) == {"8", "12", "16"}
+    # every candidate natively, and below the draft's block size also truncated ("8/16")
+    trained = summary["config"]["draft_block_size"]
+    assert summary["config"]["truncate_to"] == trained   # truncation mode is the default
+    modes = {"8", "12", "16"} | {f"{b}/{trained}" for b in (8, 12, 16) if b < trained}
+    assert set(summary["static"]) == modes
+    assert summary["best_fixed"] in modes
     assert summary["best_fixed_block_size"] in (8, 12, 16)
+    fastest = min(summary["static"].values(), key=lambda m: m["tpot"])
+    assert summary["static"][summary["best_fixed"]] is fastest   # best over all fixed runs
     assert summary["dynamic_vs_best_fixed"] > 0 and summary["speedup"] > 0
     assert summary["greedy_match_rate"] == 1.0   # lossless: dynamic greedy == baseline
 
@@ -77,7 +84,7 @@ def test_spec_command_runs_with_compare_static(pair, tmp_path):
         assert set(trace["block_size"]) <= {8, 12, 16}
         assert all(1 <= t <= b for t, b in zip(trace["tau"], trace["block_size"]))
         assert trace["scheduler"]["cycles"] == n
-        assert set(rec["static"]) == {"8", "12", "16"}
+        assert set(rec["static"]) == modes
 
 
 def test_costmodel_policy_and_resume(pair, tmp_path, capsys):
@@ -93,6 +100,7 @@ def test_costmodel_policy_and_resume(pair, tmp_path, capsys):
     summary = json.loads(jsonl.with_suffix(".summary.json").read_text())
     assert summary["config"]["policy"] == "costmodel"
     assert summary["config"]["scheduler"]["switch_margin"] == 0.02  # the policy's own default
+    assert summary["config"]["truncate_to"] is not None and not summary["config"]["keep_estimates"]
     # resuming a finished run adds nothing and reports the same samples
     assert dynamic_bench.main(argv + ["--resume"]) == 0
     assert len(jsonl.read_text().splitlines()) == n_lines
@@ -100,6 +108,23 @@ def test_costmodel_policy_and_resume(pair, tmp_path, capsys):
     # without --resume an existing file is refused rather than mixed
     with pytest.raises(UserError, match="already holds results"):
         dynamic_bench.main(argv)
+
+
+def test_native_mode_and_kept_estimates(pair, tmp_path, capsys):
+    out = tmp_path / "native.json"
+    argv = ["--dataset", "builtin-code", "--max-samples", "2", *_models(pair),
+            "--max-new-tokens", "8", "--candidate-block-sizes", "4,8", "--warmup-runs", "0",
+            "--draft-block-size", "0", "--keep-estimates", "--compare-static",
+            "--output-json", str(out)]
+    assert dynamic_bench.main(argv) == 0
+    assert "draft mode: native" in capsys.readouterr().out
+    summary = json.loads(out.read_text())
+    assert summary["config"]["truncate_to"] is None and summary["config"]["keep_estimates"]
+    # native mode still compares against the truncated fixed runs (the bar is the best of all)
+    trained = summary["config"]["draft_block_size"]
+    assert set(summary["static"]) == {"4", "8"} | {f"{b}/{trained}" for b in (4, 8)
+                                                   if b < trained}
+    assert summary["greedy_match_rate"] == 1.0
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -118,6 +143,8 @@ def test_costmodel_policy_and_resume(pair, tmp_path, capsys):
     (["--policy", "costmodel", "--switch-margin", "-1"], "--switch-margin"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--warmup-runs", "-1"], "--warmup-runs"),
+    (["--draft-block-size", "1"], "--draft-block-size"),
+    (["--draft-block-size", "-4"], "--draft-block-size"),
 ])
 def test_bad_flags_fail_before_loading_models(flags, message):
     args = dynamic_bench.build_parser().parse_args(["--dataset", "builtin-math", *flags])

@@ -313,6 +313,29 @@ def test_costmodel_keeps_costs_across_prompts():
     assert s.warming_up
 
 
+@pytest.mark.parametrize("make", [EWMAScheduler, CostModelScheduler])
+def test_keep_estimates_skips_the_next_warm_up(make):
+    s = make()
+    simulate(s, lambda n: 0.9, FLAT, tokens=400)
+    current, cycles = s.current, s.cycles
+    assert current is not None and cycles > 0
+    s.reset(keep_estimates=True)
+    assert not s.warming_up and s.current == current and s.cycles == 0 and not s.trace
+    s.select(0)
+    assert s.trace[0][1] != "warmup"   # no warm-up round-robin on the next prompt
+    s.reset()
+    assert s.warming_up and s.current is None
+
+
+def test_keep_estimates_carries_probe_staleness_over():
+    s = EWMAScheduler(candidates=[8, 16], probe_interval=4)
+    simulate(s, lambda n: 0.9, FLAT, tokens=300)
+    seen = dict(s._last_seen)
+    n = s.cycles
+    s.reset(keep_estimates=True)
+    assert {b: s.cycles - v for b, v in s._last_seen.items()} == {b: n - v for b, v in seen.items()}
+
+
 @pytest.mark.parametrize("accept, cost", [(0.89, FLAT), (0.7, FLAT), (0.6, STEEP),
                                           (0.95, STEEP)])
 def test_costmodel_matches_best_fixed_on_stationary_workloads(accept, cost):
