@@ -311,6 +311,9 @@ class CostModelScheduler(_Bookkeeping):
     ``4 * cost_refresh_interval`` cycles qualifies regardless); while the current size is below
     the largest, the largest gets one cycle every ``probe_interval`` cycles if it is within
     the band, so positions past the current block keep real data. 0 disables either probe.
+    A fully accepted block at the current size is censored (its run may have gone on): when the
+    position just past it has less data than ``prior_weight``, the next cycle probes the
+    largest size, whatever the estimate says.
     A switch needs the winner to beat the current size by ``switch_margin`` on
     ``required_streak`` consecutive updates.
     """
@@ -361,6 +364,7 @@ class CostModelScheduler(_Bookkeeping):
         self._streak = 0
         self._since_probe = 0
         self._since_refresh = 0
+        self._censored = False
         self._reset_counters()
 
     # -- estimates
@@ -450,6 +454,16 @@ class CostModelScheduler(_Bookkeeping):
                 self.trace.append((b, "cost-probe"))
                 return b
         top = self.max_block_size
+        if (self._censored and self.current < top
+                and self._at_risk[self.current] < self.prior_weight):
+            # The current block was fully accepted, so its run says nothing about the
+            # positions past it, and they have (almost) no data: the estimate for larger
+            # blocks is the prior's guess. One cycle at the largest measures them (with a
+            # draft drafting its trained size anyway, it never accepts less).
+            self._censored = False
+            self._since_probe = 0
+            self.trace.append((top, "censored-probe"))
+            return top
         if self.probe_interval and self.current != top and self._since_probe >= self.probe_interval:
             self._since_probe = 0
             scores = self.scores() if scores is None else scores
@@ -478,6 +492,7 @@ class CostModelScheduler(_Bookkeeping):
             self._accepted[k] += 1.0
         if acc + 1 <= b - 1:
             self._at_risk[acc + 1] += 1.0
+        self._censored = b == self.current and tau == b < self.max_block_size
         if cycle_s > 0 and math.isfinite(cycle_s):
             self._costs[b].append(float(cycle_s))
             self._cost_seen[b] = self.cycles

@@ -363,6 +363,32 @@ def test_costmodel_probes_only_while_below_the_largest():
     assert all(why != "probe" for _, why in s.trace)
 
 
+def test_costmodel_probes_the_largest_when_the_current_block_is_censored():
+    """A fully accepted block says nothing about the positions past it: with no data there,
+    the next cycle measures them at the largest size (truncation mode: it never accepts less)."""
+    s = CostModelScheduler(candidates=[8, 16], probe_interval=0, cost_refresh_interval=0)
+    while s.warming_up:  # first proposals rejected at both sizes; 8 is cheaper
+        b = s.select(s.cycles)
+        feed(s, b, 1, 0.010 if b == 16 else 0.008)
+    assert s.select(s.cycles) == 8
+    feed(s, 8, 3, 0.008)            # run ended inside the block: nothing censored
+    assert s.select(s.cycles) == 8
+    feed(s, 8, 8, 0.008)            # fully accepted
+    assert s.select(s.cycles) == 16 and s.trace[-1][1] == "censored-probe"
+    feed(s, 16, 16, 0.010)
+    assert s.current == 16          # the measured long run makes 16 the better size
+    # with data past the block already there, a censored block is no reason to probe
+    t = CostModelScheduler(candidates=[8, 16], probe_interval=0, cost_refresh_interval=0,
+                           switch_margin=10.0)
+    while t.warming_up:
+        b = t.select(t.cycles)
+        feed(t, b, 1 if b == 8 else 12, 0.008 if b == 8 else 0.010)
+    feed(t, 16, 12, 0.010, n=3)
+    t.current = 8
+    feed(t, 8, 8, 0.008)
+    assert t._at_risk[8] >= t.prior_weight and t.select(t.cycles) == 8
+
+
 # --------------------------------------------------------------------------- through the decoder
 
 @pytest.mark.parametrize("make", [lambda: EWMAScheduler(candidates=[2, 3, 4], probe_interval=3),
