@@ -19,6 +19,7 @@ from .draft import DFlashDraftModel, rope_cos_sin
 from .graphs import (FusedLayer, GraphCache, draft_context_kv, maybe_compile, post_attention,
                      pre_attention)
 from .kernels import attention_supported, decode_attention, linear
+from .layer_kernels import fused_layers, layer_kernels_enabled, layer_supported
 
 _PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -105,6 +106,16 @@ class StaticTargetEngine:
             mask = mask[None, None]
         captured = {}
         t = input_ids.shape[1]
+        # Decode-sized graph steps: the whole layer in Triton kernels (dflash/layer_kernels.py).
+        kernel_layers = (self.fused and whole_buffer and layer_kernels_enabled()
+                         and layer_supported(self.fused_layers[0], h[0], self.k_cache[0], self.cos))
+        if kernel_layers:
+            x, captured = fused_layers(h[0], self.fused_layers, self.norm.weight, positions,
+                                       positions, self.k_cache, self.v_cache, self.cos, self.sin,
+                                       capture=self._wanted, n_heads=self.n_heads, n_kv=self.n_kv,
+                                       head_dim=self.head_dim, eps=self.eps)
+            feats = torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
+            return linear(x, self.lm_head.weight)[None], feats[None]
         for i, layer in enumerate(self.layers):
             if self.fused:
                 fl = self.fused_layers[i]
@@ -132,7 +143,8 @@ class StaticTargetEngine:
                 out = out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
             if self.fused:
                 fl = self.fused_layers[i]
-                h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps)
+                h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps,
+                               gu_chunk=fl.gu_chunk)
             else:
                 attn = layer.self_attn
                 h = h + attn.o_proj(out)
@@ -284,6 +296,14 @@ class DraftEngine:
             lim = positions[-1:].expand(t).contiguous()  # every query sees the whole block
         else:
             mask = lim = None
+        kernel_layers = (self.fused and lim is not None and layer_kernels_enabled()
+                         and layer_supported(self.fused_layers[0], h[0], self.k_cache[0], self.cos))
+        if kernel_layers:
+            x, _ = fused_layers(h[0], self.fused_layers, self.draft.norm.weight, positions, lim,
+                                self.k_cache, self.v_cache, self.cos, self.sin,
+                                n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim,
+                                eps=self.eps)
+            return linear(x[1:].to(self.lm_head.weight.dtype), self.lm_head.weight)[None]
         for i, layer in enumerate(self.draft.layers):
             attn = layer.self_attn
             if self.fused:
@@ -305,7 +325,8 @@ class DraftEngine:
                     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                          enable_gqa=self.n_heads != self.n_kv)
                     out = out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
-                h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps)
+                h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps,
+                               gu_chunk=fl.gu_chunk)
             else:
                 h = h + attn.attend(q, keys, values, mask)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from .kernels import linear
+from .layer_kernels import gate_up_chunk, interleave_gate_up, layer_kernels_enabled
 
 
 class _Captured:
@@ -87,6 +88,10 @@ class FusedLayer:
         self.ln2 = layer.post_attention_layernorm.weight.detach()
         self.wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
         self.wd = mlp.down_proj.weight.detach()
+        # The layer kernels' SwiGLU epilogue wants gate and up rows interleaved in chunks.
+        self.gu_chunk = gate_up_chunk(self) if layer_kernels_enabled() else None
+        if self.gu_chunk:
+            self.wgu = interleave_gate_up(self.wgu, self.gu_chunk)
 
 
 def pre_attention(h, cos, sin, ln1, wqkv, bqkv, qn, kn, *, sizes, n_heads, n_kv, head_dim, eps):
@@ -103,10 +108,17 @@ def pre_attention(h, cos, sin, ln1, wqkv, bqkv, qn, kn, *, sizes, n_heads, n_kv,
     return q, k, v.view(1, t, n_kv, head_dim).transpose(1, 2)
 
 
-def post_attention(h, attn_out, wo, ln2, wgu, wd, *, eps):
-    """Output projection of attn_out [1, T, H*D] + residual, norm, fused SwiGLU MLP + residual."""
+def post_attention(h, attn_out, wo, ln2, wgu, wd, *, eps, gu_chunk=None):
+    """Output projection of attn_out [1, T, H*D] + residual, norm, fused SwiGLU MLP + residual.
+
+    ``gu_chunk``: wgu's gate/up rows are interleaved in chunks of this many (FusedLayer)."""
     h = h + linear(attn_out, wo)
-    gate, up = linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
+    gu = linear(rms_norm(h, ln2, eps), wgu)
+    if gu_chunk:
+        gu = gu.unflatten(-1, (-1, 2, gu_chunk))
+        gate, up = gu[..., 0, :].flatten(-2), gu[..., 1, :].flatten(-2)
+    else:
+        gate, up = gu.chunk(2, dim=-1)
     return h + linear(torch.nn.functional.silu(gate) * up, wd)
 
 

@@ -29,13 +29,49 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU builds usually lack it.
 except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
 
+HAVE_PDL = False
+if triton is not None:
+    try:  # programmatic dependent launch (Triton >= 3.4)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+        HAVE_PDL = True
+    except ImportError:  # pragma: no cover
+        @triton.jit
+        def gdc_wait():
+            pass
+
+        @triton.jit
+        def gdc_launch_dependents():
+            pass
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch with programmatic dependent launch: the next kernel's programs start while this
+    one drains and wait (``gdc_wait``) before reading its outputs. Hopper or newer; off with
+    DFLASH_PDL=0 and under the Triton interpreter."""
+    if (not HAVE_PDL or device.type != "cuda" or os.environ.get("DFLASH_PDL", "1") == "0"
+            or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_opts(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
+
 MAX_M = 16
 
 if triton is not None:
     @triton.jit
     def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PARTIAL: tl.constexpr):
+                       PARTIAL: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # wait for the kernel that writes x (see use_pdl)
+            gdc_wait()
+            gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -56,6 +92,15 @@ if triton is not None:
         if PARTIAL:  # fp32 partial sums, [split, M, N]
             out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
             tl.store(out, acc, mask=out_mask)
+        elif SWIGLU:
+            # w's rows are interleaved in chunks of BLOCK_N // 2 (gate chunk, then the matching
+            # up chunk), so this tile holds both halves: write silu(gate) * up, [M, N // 2].
+            half: tl.constexpr = BLOCK_N // 2
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
+            y = gate / (1.0 + tl.exp(-gate)) * up
+            offs_h = pid_n * half + tl.arange(0, half)
+            out = out_ptr + offs_m[:, None] * (N // 2) + offs_h[None, :]
+            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok & (offs_h[None, :] < N // 2))
         else:
             out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -122,11 +167,13 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, cfg=None) -> torch.Tensor:
     grid = (triton.cdiv(n, block_n), split)
     if split == 1:
         _skinny_kernel[grid](x, w, out, m, n, k, k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-                             PARTIAL=False, num_warps=warps, num_stages=stages)
+                             PARTIAL=False, SWIGLU=False, PDL=False, num_warps=warps,
+                             num_stages=stages)
         return out
     part = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     _skinny_kernel[grid](x, w, part, m, n, k, k // split, BLOCK_M=16, BLOCK_N=block_n,
-                         BLOCK_K=block_k, PARTIAL=True, num_warps=warps, num_stages=stages)
+                         BLOCK_K=block_k, PARTIAL=True, SWIGLU=False, PDL=False, num_warps=warps,
+                         num_stages=stages)
     total = m * n
     _reduce_kernel[(triton.cdiv(total, 1024),)](part, out, total, SPLIT=split, BLOCK=1024)
     return out
@@ -182,7 +229,10 @@ if triton is not None:
     def _attn_partial_kernel(q_ptr, k_ptr, v_ptr, lim_ptr, po_ptr, pm_ptr, pl_ptr,
                              T, sm_scale, sq_h, sq_t, sk_h, sk_c,
                              G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                             CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+                             CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         hk = tl.program_id(0)
         sp = tl.program_id(1)
         tile = tl.program_id(2)
@@ -223,7 +273,10 @@ if triton is not None:
     @triton.jit
     def _attn_combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, T, H,
                              G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                             SPLITS_P2: tl.constexpr):
+                             SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         hk = tl.program_id(0)
         row = tl.program_id(1)
         sp = tl.arange(0, SPLITS_P2)
@@ -264,14 +317,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     chunk = attention_chunk(cap)
     splits = -(-cap // chunk)
     scale = d ** -0.5 if scale is None else scale
+    pdl = use_pdl(q.device)
     po = torch.empty((hkv, splits, g * t, d), device=q.device, dtype=torch.float32)
     pm = torch.empty((hkv, splits, g * t), device=q.device, dtype=torch.float32)
     pl = torch.empty_like(pm)
     _attn_partial_kernel[(hkv, splits, triton.cdiv(g * t, 16))](
         q, k_cache, v_cache, lim, po, pm, pl, t, scale, q.stride(1), q.stride(2),
         k_cache.stride(1), k_cache.stride(2), G=g, D=d, SPLITS=splits, CHUNK=chunk,
-        BLOCK_N=64, num_warps=4, num_stages=2)
+        BLOCK_N=64, PDL=pdl, num_warps=4, num_stages=2, **pdl_opts(pdl))
     out = torch.empty((1, t, h * d), device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(hkv, g * t)](po, pm, pl, out, t, h, G=g, D=d, SPLITS=splits,
-                                       SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+                                       SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl,
+                                       num_warps=4, **pdl_opts(pdl))
     return out

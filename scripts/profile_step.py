@@ -16,7 +16,8 @@ from dflash.perf import QWEN3_4B, build_models
 
 def family(name: str) -> str:
     n = name.lower()
-    for key, fam in (("skinny", "skinny_gemm"), ("_reduce_kernel", "skinny_reduce"),
+    for key, fam in (("_gemm_kernel", "gemm(fused layer)"), ("qk_rope", "rope+kv write"),
+                     ("_attn_", "attention"), ("skinny", "skinny_gemm"), ("_reduce_kernel", "skinny_reduce"),
                      ("gemv", "gemm(cublas)"), ("gemm", "gemm(cublas)"), ("cutlass", "gemm(cublas)"),
                      ("nvjet", "gemm(cublas)"), ("splitk", "gemm(cublas)"), ("fmha", "attention"),
                      ("flash", "attention"), ("attention", "attention"), ("softmax", "softmax"),
