@@ -69,9 +69,6 @@ if triton is not None:
     def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PARTIAL: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # wait for the kernel that writes x (see use_pdl)
-            gdc_wait()
-            gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -80,6 +77,9 @@ if triton is not None:
         k_start = pid_k * k_per_split
         x_rows = x_ptr + offs_m[:, None] * K
         w_rows = w_ptr + offs_n[:, None] * K
+        if PDL:
+            gdc_wait()  # x is written by the previous kernel (see use_pdl)
+            gdc_launch_dependents()
         m_ok = offs_m[:, None] < M
         n_ok = offs_n[:, None] < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
