@@ -127,6 +127,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         if verbose:
             traceback.print_exc()
         print(f"{prog}: error: {err.one_line()}", file=sys.stderr)
+    except BrokenPipeError:
+        # The reader went away (``... | head``): what it wanted is printed; stop quietly.
+        _silence_stdout()
+        code = 0
     except KeyboardInterrupt:
         code = EXIT_SIGINT
         if as_process:
@@ -148,6 +152,15 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     if as_process and code in (EXIT_SIGINT, EXIT_SIGTERM):
         _exit_now(code)
     sys.exit(code)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _exit_now(code: int) -> None:

@@ -741,3 +741,23 @@ def test_sglang_base_url_that_comes_up_within_connect_wait(tmp_path, capsys):
     assert report["status"] == "complete"
     recs = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r.get("concurrency") for r in recs[1:]] == [1]
+
+
+def test_output_piped_into_head_stops_quietly():
+    """``python -m dflash.analyze ... | head``: no BrokenPipeError traceback, exit 0."""
+    import subprocess
+    import sys
+
+    code = ("from dflash.errors import run_cli\n"
+            "def main(argv):\n"
+            "    for _ in range(200000):\n"
+            "        print('row ' * 20)\n"
+            "run_cli(main)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    reader = subprocess.run(["head", "-n", "1"], stdin=writer.stdout, capture_output=True)
+    writer.stdout.close()
+    err = writer.stderr.read().decode()
+    assert writer.wait(timeout=60) == 0, err
+    assert reader.stdout.decode().startswith("row")
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
