@@ -536,6 +536,7 @@ _CURRENT: dict = {"proc": None}
 def _on_sigterm(signum, _frame):
     """Pass a SIGTERM on to the running benchmark (so it writes its summary), then stop."""
     proc = _CURRENT.get("proc")
+    _CURRENT["signal"] = signal.SIGTERM  # exit 143, not Ctrl-C's 130
     if proc is not None and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     raise KeyboardInterrupt
@@ -818,6 +819,7 @@ def main(argv=None) -> int:
     if child_env is not None:
         print("The Hugging Face hub is not reachable: runs get HF_HUB_OFFLINE=1 "
               "(cached or built-in data only).", file=sys.stderr)
+    _CURRENT["signal"] = None
     signal.signal(signal.SIGTERM, _on_sigterm)
     first_failure: Run | None = None
     interrupted = False
@@ -855,7 +857,7 @@ def main(argv=None) -> int:
           + (f" | plot: {_display(plan.out_dir / 'sweep_plot.png', plan.cwd)}"
              if plan.kind == "sweep" and (plan.out_dir / "sweep_plot.png").exists() else ""))
     if interrupted:
-        return 130
+        return 143 if _CURRENT.get("signal") == signal.SIGTERM else 130
     if first_failure is not None:
         failures = sum(failed(r) for r in plan.runs)
         print(f"{failures} of {total} run(s) failed; first: {first_failure.name} "
