@@ -104,12 +104,13 @@ def _gemm(x, w, *, swiglu: bool = False, partial: bool = False):
     m, k = x.shape
     n = w.shape[0]
     block_n, block_k, split, warps, stages = config_for(n, k)
+    if not partial:  # q/k/v and SwiGLU come straight out of the GEMM: no K split
+        split = 1
     pdl = use_pdl(x.device)
     grid = (triton.cdiv(n, block_n), split)
     if partial:
         out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     else:
-        assert split == 1
         out = torch.empty((m, n // 2 if swiglu else n), device=x.device, dtype=x.dtype)
     _skinny_kernel[grid](x, w, out, m, n, k, k // split, BLOCK_M=MAX_M, BLOCK_N=block_n,
                          BLOCK_K=block_k, PARTIAL=partial, SWIGLU=swiglu, PDL=pdl,
@@ -152,7 +153,7 @@ def gate_up_chunk(fl) -> int | None:
         return None
     n, k = fl.wgu.shape
     cfg = config_for(n, k)
-    if cfg is None or cfg[2] != 1 or cfg[0] % 2:
+    if cfg is None or cfg[0] % 2 or k % cfg[1]:
         return None
     chunk = cfg[0] // 2
     return chunk if (n // 2) % chunk == 0 else None
@@ -180,7 +181,7 @@ def layer_supported(fl, x: torch.Tensor, k_cache: torch.Tensor, cos: torch.Tenso
     for w in (fl.wqkv, fl.wo, fl.wgu, fl.wd):
         if w.dtype != x.dtype or not w.is_contiguous() or config_for(w.shape[0], w.shape[1]) is None:
             return False
-    if config_for(*fl.wqkv.shape)[2] != 1:  # q/k/v come straight out of the GEMM
+    if fl.wqkv.shape[1] % config_for(*fl.wqkv.shape)[1]:  # run unsplit (see _gemm)
         return False
     d = k_cache.shape[-1]
     group = fl.sizes[0] // fl.sizes[1]  # query heads per KV head (decode_attention's tiles)

@@ -113,6 +113,8 @@ def test_engine_with_layer_kernels_is_greedy_lossless(monkeypatch):
     target.config.head_dim = 64
     draft = make_random_draft(target, num_layers=2, dtype=torch.bfloat16).to(DEVICE)
     ids = torch.randint(0, 500, (1, 24), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    from tests.test_truncation import Cycling
+
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("DFLASH_LAYER_KERNELS", flag)
@@ -120,6 +122,9 @@ def test_engine_with_layer_kernels_is_greedy_lossless(monkeypatch):
         ar = dec.generate(ids, 48, block_size=1).output_ids
         spec = dec.generate(ids, 48, block_size=8).output_ids
         outs[flag] = (ar, spec)
+        if flag == "1":  # sizes changing every cycle, drafted at 16 and truncated
+            mixed = dec.generate(ids, 48, policy=Cycling([8, 12, 3, 16]), draft_block_size=16)
+            assert mixed.output_ids == ar
     assert outs["1"][0] == outs["1"][1]  # row-invariant kernels: speculative == AR, bitwise
     # Different kernels round differently; on random weights the greedy paths agree early on.
     assert outs["1"][0][:8] == outs["0"][0][:8]
