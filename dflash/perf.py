@@ -32,6 +32,11 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_l
 DRAFT_4B = Path(__file__).parent / "configs" / "qwen3-4b-dflash-b16.config.json"
 
 
+def _cell(value) -> str:
+    """A table cell: 2 decimals, or '-' where an engine did not time that case."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -205,14 +210,14 @@ def markdown(report: dict) -> str:
     lines += ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in engines[0]["ar_step_ms"]:
         lines.append(f"| AR step, context {c} (ms) | " +
-                     " | ".join(f"{e['ar_step_ms'].get(c, float('nan')):.2f}" for e in engines) + " |")
+                     " | ".join(_cell(e['ar_step_ms'].get(c)) for e in engines) + " |")
     for key, label in (("verify_ms", "verify"), ("draft_ms", "draft"), ("cycle_ms", "loop cycle")):
         for b in engines[0][key]:
             lines.append(f"| {label} b={b} (ms) | " +
-                         " | ".join(f"{e[key].get(b, float('nan')):.2f}" for e in engines) + " |")
+                         " | ".join(_cell(e[key].get(b)) for e in engines) + " |")
     for b in engines[0]["c_of_b"]:
         lines.append(f"| c({b}) = cycle / AR step | " +
-                     " | ".join(f"{e['c_of_b'].get(b, float('nan')):.2f}" for e in engines) + " |")
+                     " | ".join(_cell(e['c_of_b'].get(b)) for e in engines) + " |")
     lines.append(f"| projected tok/s at tau {engines[0]['projected_tokens_per_s']['tau']} | " +
                  " | ".join(f"{e['projected_tokens_per_s']['value']:.0f}" for e in engines) + " |")
     lines.append("| AR baseline tok/s (loop) | " +
