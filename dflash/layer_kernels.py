@@ -25,11 +25,12 @@ import os
 
 import torch
 
-from .kernels import (_skinny_kernel, config_for, decode_attention, gdc_launch_dependents,
-                      gdc_wait, pdl_opts, triton, use_pdl)
+from .kernels import config_for, decode_attention, pdl_opts, triton, use_pdl
 
 if triton is not None:
     import triton.language as tl
+
+    from .kernels import _skinny_kernel, gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _residual_norm_kernel(part_ptr, res_ptr, gamma_ptr, h_ptr, xn_ptr, M, N, eps,
