@@ -38,3 +38,25 @@ def test_fused_layers_match_module_layers():
     b = fused.forward(ids, pos)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+
+
+def test_package_imports_without_triton():
+    """CPU wheels of torch ship no Triton: every module must import and decode without it
+    (the CUDA kernels are optional)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import dflash.engine, dflash.layer_kernels, dflash.kernels, dflash.decoding\n"
+            "import dflash.perf, dflash.multiround\n"
+            "assert dflash.kernels.triton is None and not dflash.layer_kernels.layer_kernels_enabled()\n"
+            "from dflash.toy import make_random_target, make_random_draft\n"
+            "from dflash.decoding import SpeculativeDecoder\n"
+            "import torch\n"
+            "t = make_random_target(); d = make_random_draft(t)\n"
+            "ids = torch.randint(0, 100, (1, 8))\n"
+            "dec = SpeculativeDecoder(t, d)\n"
+            "assert dec.generate(ids, 12, block_size=4).output_ids == "
+            "dec.generate(ids, 12, block_size=1).output_ids\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
