@@ -82,7 +82,11 @@ def exact_marginals(target, prompt, steps, temperature):
     return marginals
 
 
-def test_speculative_decoding_first_tokens_follow_target():
+@pytest.mark.parametrize("block_size,draft_block_size,seed,n", [
+    (4, None, 11, 2500),  # native: the draft proposes the verified block
+    (3, 4, 12, 2000),     # truncation: b=3 verified out of a drafted block of 4
+])
+def test_speculative_decoding_first_tokens_follow_target(block_size, draft_block_size, seed, n):
     target = make_random_target(vocab_size=10, hidden_size=32, num_layers=2, num_heads=2,
                                 num_kv_heads=1, seed=3)
     draft = make_random_draft(target, block_size=4, num_layers=1, mask_token_id=9, seed=4)
@@ -90,10 +94,11 @@ def test_speculative_decoding_first_tokens_follow_target():
     prompt = torch.tensor([[1, 2, 3, 4]])
     temperature = 1.0
     exact = exact_marginals(target, prompt, 3, temperature)
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator().manual_seed(seed)
     draws, taus = [], []
-    for _ in range(2500):
-        res = decoder.generate(prompt, 3, temperature=temperature, block_size=4, generator=g)
+    for _ in range(n):
+        res = decoder.generate(prompt, 3, temperature=temperature, block_size=block_size,
+                               generator=g, draft_block_size=draft_block_size)
         draws.append(res.output_ids)
         taus += [c.tau for c in res.cycles]
     assert max(taus) > 1, "the draft never got a proposal accepted: the test would be vacuous"
