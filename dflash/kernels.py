@@ -227,9 +227,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 if triton is not None:
     @triton.jit
     def _attn_partial_kernel(q_ptr, k_ptr, v_ptr, lim_ptr, po_ptr, pm_ptr, pl_ptr,
-                             T, sm_scale, sq_h, sq_t, sk_h, sk_c,
+                             cnt_ptr, out_ptr, T, H, sm_scale, sq_h, sq_t, sk_h, sk_c,
                              G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                             CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                             CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, COMBINE: tl.constexpr,
+                             PDL: tl.constexpr):
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
@@ -269,6 +270,33 @@ if triton is not None:
         tl.store(po_ptr + base[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
         tl.store(pm_ptr + base, m_i, mask=row_ok)
         tl.store(pl_ptr + base, l_i, mask=row_ok)
+        if COMBINE:
+            # The last of the SPLITS programs of this (KV head, row tile) to finish combines
+            # them (saves the combine kernel's launch). The barrier orders every thread's
+            # stores before the counter's release; .cg loads skip the (incoherent) L1.
+            tl.debug_barrier()
+            counter = cnt_ptr + hk * tl.num_programs(2) + tile
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+                first = hk * SPLITS * G * T + rows
+                m_max = tl.full((16,), float("-inf"), tl.float32)
+                for s in range(SPLITS):
+                    m_s = tl.load(pm_ptr + first + s * G * T, mask=row_ok, other=float("-inf"),
+                                  cache_modifier=".cg")
+                    m_max = tl.maximum(m_max, m_s)
+                num = tl.zeros((16, D), tl.float32)
+                den = tl.zeros((16,), tl.float32)
+                for s in range(SPLITS):
+                    at = first + s * G * T
+                    m_s = tl.load(pm_ptr + at, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                    w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_max))
+                    den += w * tl.load(pl_ptr + at, mask=row_ok, other=0.0, cache_modifier=".cg")
+                    o_s = tl.load(po_ptr + at[:, None] * D + d[None, :], mask=row_ok[:, None],
+                                  other=0.0, cache_modifier=".cg")
+                    num += o_s * w[:, None]
+                out = num / tl.where(row_ok, den, 1.0)[:, None]
+                dst = out_ptr + (t * H + hk * G + g)[:, None] * D + d[None, :]
+                tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
     @triton.jit
     def _attn_combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, T, H,
@@ -307,10 +335,25 @@ def attention_chunk(capacity: int) -> int:
     return 64 * max(2, -(-capacity // (32 * 64)))
 
 
+def attention_counters(device) -> torch.Tensor | None:
+    """Zeroed arrival counters for ``decode_attention(counters=...)`` on CUDA (None elsewhere,
+    or with DFLASH_ATTN_ONE_KERNEL=0); each call leaves them zeroed again, so one buffer
+    serves every layer of a forward (the calls are stream-ordered)."""
+    device = torch.device(device)
+    if device.type != "cuda" or triton is None or os.environ.get("DFLASH_ATTN_ONE_KERNEL") == "0":
+        return None
+    return torch.zeros(4096, device=device, dtype=torch.int32)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lim: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                     lim: torch.Tensor, scale: float | None = None,
+                     counters: torch.Tensor | None = None) -> torch.Tensor:
     """q [1, H, T, D], caches [1, Hkv, C, D], lim [T] (last visible slot of each query)
-    -> attention output [1, T, H * D] (the layout the output projection wants)."""
+    -> attention output [1, T, H * D] (the layout the output projection wants).
+
+    With ``counters`` (see ``attention_counters``) the splits are combined inside the one
+    kernel by the last program to finish; without, by a second kernel. Same arithmetic per row
+    either way, up to the order of the combine's sum."""
     _, h, t, d = q.shape
     hkv, cap = k_cache.shape[1], k_cache.shape[2]
     g = h // hkv
@@ -321,11 +364,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     po = torch.empty((hkv, splits, g * t, d), device=q.device, dtype=torch.float32)
     pm = torch.empty((hkv, splits, g * t), device=q.device, dtype=torch.float32)
     pl = torch.empty_like(pm)
-    _attn_partial_kernel[(hkv, splits, triton.cdiv(g * t, 16))](
-        q, k_cache, v_cache, lim, po, pm, pl, t, scale, q.stride(1), q.stride(2),
-        k_cache.stride(1), k_cache.stride(2), G=g, D=d, SPLITS=splits, CHUNK=chunk,
-        BLOCK_N=64, PDL=pdl, num_warps=4, num_stages=2, **pdl_opts(pdl))
     out = torch.empty((1, t, h * d), device=q.device, dtype=q.dtype)
+    tiles = triton.cdiv(g * t, 16)
+    combine = counters is not None and hkv * tiles <= counters.numel()
+    _attn_partial_kernel[(hkv, splits, tiles)](
+        q, k_cache, v_cache, lim, po, pm, pl, counters if combine else pm, out, t, h, scale,
+        q.stride(1), q.stride(2), k_cache.stride(1), k_cache.stride(2), G=g, D=d,
+        SPLITS=splits, CHUNK=chunk, BLOCK_N=64, COMBINE=combine, PDL=pdl, num_warps=4,
+        num_stages=2, **pdl_opts(pdl))
+    if combine:
+        return out
     _attn_combine_kernel[(hkv, g * t)](po, pm, pl, out, t, h, G=g, D=d, SPLITS=splits,
                                        SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl,
                                        num_warps=4, **pdl_opts(pdl))

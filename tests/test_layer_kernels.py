@@ -128,3 +128,26 @@ def test_engine_with_layer_kernels_is_greedy_lossless(monkeypatch):
     assert outs["1"][0] == outs["1"][1]  # row-invariant kernels: speculative == AR, bitwise
     # Different kernels round differently; on random weights the greedy paths agree early on.
     assert outs["1"][0][:8] == outs["0"][0][:8]
+
+
+@pytest.mark.parametrize("t", [1, 4, 16])
+def test_one_kernel_attention_matches_two_kernels(t):
+    """The in-kernel combine (last program of each head/tile) vs the combine kernel, run twice
+    on one counter buffer (it must be left zeroed), and row invariance of the one-kernel path."""
+    from dflash.kernels import decode_attention
+
+    gen = torch.Generator("cpu").manual_seed(1)
+    h, hkv, d, cap = 4, 2, 64, 320  # 320 slots -> chunks of 128: 3 splits, the last partial
+    kc = torch.randn(1, hkv, cap, d, generator=gen).to(DEVICE, DTYPE)
+    vc = torch.randn(1, hkv, cap, d, generator=gen).to(DEVICE, DTYPE)
+    q = torch.randn(1, h, t, d, generator=gen).to(DEVICE, DTYPE)
+    lim = torch.arange(300 - t, 300, device=DEVICE)
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    two = decode_attention(q, kc, vc, lim)
+    for _ in range(2):
+        one = decode_attention(q, kc, vc, lim, counters=counters)
+        assert torch.allclose(one.float(), two.float(), atol=2e-3, rtol=2e-3)
+        assert not counters.any()
+    if DEVICE == "cuda":  # the interpreter's numpy matmul is not row-invariant
+        row = decode_attention(q[:, :, -1:].contiguous(), kc, vc, lim[-1:], counters=counters)
+        assert torch.equal(row[0, 0], one[0, -1])
