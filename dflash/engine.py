@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .draft import DFlashDraftModel, rope_cos_sin
 from .graphs import (FusedLayer, GraphCache, draft_context_kv, maybe_compile, post_attention,
                      pre_attention)
-from .kernels import attention_counters, attention_supported, decode_attention, linear
+from .kernels import attention_supported, decode_attention, linear
 from .layer_kernels import fused_layers, layer_kernels_enabled, layer_supported
 
 _PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -70,7 +70,6 @@ class StaticTargetEngine:
                                  for l in self.layers]
             self._pre = maybe_compile(pre_attention, compile)
             self._post = maybe_compile(post_attention, compile)
-        self.attn_counters = attention_counters(self.device)
         self.graphs = graphs
         self._graphed = GraphCache(lambda ids, pos: self._forward(ids, pos, None), graphs)
 
@@ -100,8 +99,7 @@ class StaticTargetEngine:
             x, captured = fused_layers(h[0], self.fused_layers, self.norm.weight, positions,
                                        positions, self.k_cache, self.v_cache, self.cos, self.sin,
                                        capture=self._wanted, n_heads=self.n_heads, n_kv=self.n_kv,
-                                       head_dim=self.head_dim, eps=self.eps,
-                                       counters=self.attn_counters)
+                                       head_dim=self.head_dim, eps=self.eps)
             feats = torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
             return linear(x, self.lm_head.weight)[None], feats[None]
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
@@ -243,7 +241,6 @@ class DraftEngine:
             self._kn = [a.k_norm.weight.detach() for a in attns]
             self._fused_ctx = not cfg.attention_bias
         self.graphs = graphs
-        self.attn_counters = attention_counters(draft.device)
         self._graphed_append = GraphCache(self._append_context, graphs)
         self._graphed_propose = GraphCache(lambda ids, pos: self._propose_logits(ids, pos, None),
                                            graphs)
@@ -304,7 +301,7 @@ class DraftEngine:
             x, _ = fused_layers(h[0], self.fused_layers, self.draft.norm.weight, positions, lim,
                                 self.k_cache, self.v_cache, self.cos, self.sin,
                                 n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim,
-                                eps=self.eps, counters=self.attn_counters)
+                                eps=self.eps)
             return linear(x[1:].to(self.lm_head.weight.dtype), self.lm_head.weight)[None]
         for i, layer in enumerate(self.draft.layers):
             attn = layer.self_attn

@@ -115,10 +115,21 @@ if triton is not None:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# (N, K) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), tuned on an H100 for the
-# Qwen3-4B target/draft shapes by scripts/tune_skinny_gemm.py (which writes this file).
-# Unknown shapes use a heuristic.
-TABLE_PATH = Path(__file__).parent / "configs" / "skinny_gemm_h100.json"
+# (N, K) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for the Qwen3-4B target/draft
+# shapes, tuned per GPU model by scripts/tune_skinny_gemm.py and (the four decoder-layer
+# shapes, inside the graphed step) scripts/tune_layer_step.py. The H100 table serves every
+# GPU without its own; unknown shapes use a heuristic.
+CONFIG_DIR = Path(__file__).parent / "configs"
+TABLE_PATH = CONFIG_DIR / "skinny_gemm_h100.json"
+
+
+def table_path(gpu_name: str) -> Path:
+    """The tuned table for a GPU model: configs/skinny_gemm_h200.json for 'NVIDIA H200', etc."""
+    for model in ("h200", "h100"):
+        path = CONFIG_DIR / f"skinny_gemm_{model}.json"
+        if model in gpu_name.lower() and path.exists():
+            return path
+    return TABLE_PATH
 
 
 def load_table(path: Path = TABLE_PATH) -> dict[tuple[int, int], tuple[int, ...]]:
@@ -130,7 +141,15 @@ def load_table(path: Path = TABLE_PATH) -> dict[tuple[int, int], tuple[int, ...]
             for key, cfg in raw.items()}
 
 
-TUNED = load_table()
+TUNED: dict = {}  # filled for the current GPU by config_for's first call
+_TABLE_LOADED = []
+
+
+def _load_tuned() -> None:
+    if not _TABLE_LOADED:
+        name = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else ""
+        TUNED.update(load_table(table_path(name)))
+        _TABLE_LOADED.append(name)
 
 
 def heuristic_config(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, int]:
@@ -149,6 +168,7 @@ def valid_config(n: int, k: int, cfg) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def config_for(n: int, k: int):
+    _load_tuned()
     if (n, k) in TUNED and TUNED[(n, k)] is None:
         return None
     cfg = TUNED.get((n, k))
@@ -227,10 +247,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 if triton is not None:
     @triton.jit
     def _attn_partial_kernel(q_ptr, k_ptr, v_ptr, lim_ptr, po_ptr, pm_ptr, pl_ptr,
-                             cnt_ptr, out_ptr, T, H, sm_scale, sq_h, sq_t, sk_h, sk_c,
+                             T, sm_scale, sq_h, sq_t, sk_h, sk_c,
                              G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                             CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, COMBINE: tl.constexpr,
-                             PDL: tl.constexpr):
+                             CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
@@ -255,7 +274,9 @@ if triton is not None:
         for s0 in range(start, end, BLOCK_N):
             cols = s0 + tl.arange(0, BLOCK_N)
             col_ok = cols < end
+            # v is loaded with k, not after the softmax, so both reads are in flight at once
             k = tl.load(k_ptr + kv + cols[None, :] * sk_c + d[:, None], mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + kv + cols[:, None] * sk_c + d[None, :], mask=col_ok[:, None], other=0.0)
             s = tl.dot(q, k) * sm_scale
             s = tl.where((cols[None, :] <= lim[:, None]) & col_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -263,40 +284,12 @@ if triton is not None:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv + cols[:, None] * sk_c + d[None, :], mask=col_ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         base = (hk * SPLITS + sp) * G * T + rows  # partials: [Hkv, SPLITS, G*T]
         tl.store(po_ptr + base[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
         tl.store(pm_ptr + base, m_i, mask=row_ok)
         tl.store(pl_ptr + base, l_i, mask=row_ok)
-        if COMBINE:
-            # The last of the SPLITS programs of this (KV head, row tile) to finish combines
-            # them (saves the combine kernel's launch). The barrier orders every thread's
-            # stores before the counter's release; .cg loads skip the (incoherent) L1.
-            tl.debug_barrier()
-            counter = cnt_ptr + hk * tl.num_programs(2) + tile
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-                first = hk * SPLITS * G * T + rows
-                m_max = tl.full((16,), float("-inf"), tl.float32)
-                for s in range(SPLITS):
-                    m_s = tl.load(pm_ptr + first + s * G * T, mask=row_ok, other=float("-inf"),
-                                  cache_modifier=".cg")
-                    m_max = tl.maximum(m_max, m_s)
-                num = tl.zeros((16, D), tl.float32)
-                den = tl.zeros((16,), tl.float32)
-                for s in range(SPLITS):
-                    at = first + s * G * T
-                    m_s = tl.load(pm_ptr + at, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                    w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_max))
-                    den += w * tl.load(pl_ptr + at, mask=row_ok, other=0.0, cache_modifier=".cg")
-                    o_s = tl.load(po_ptr + at[:, None] * D + d[None, :], mask=row_ok[:, None],
-                                  other=0.0, cache_modifier=".cg")
-                    num += o_s * w[:, None]
-                out = num / tl.where(row_ok, den, 1.0)[:, None]
-                dst = out_ptr + (t * H + hk * G + g)[:, None] * D + d[None, :]
-                tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
     @triton.jit
     def _attn_combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, T, H,
@@ -335,25 +328,10 @@ def attention_chunk(capacity: int) -> int:
     return 64 * max(2, -(-capacity // (32 * 64)))
 
 
-def attention_counters(device) -> torch.Tensor | None:
-    """Zeroed arrival counters for ``decode_attention(counters=...)`` on CUDA (None elsewhere,
-    or with DFLASH_ATTN_ONE_KERNEL=0); each call leaves them zeroed again, so one buffer
-    serves every layer of a forward (the calls are stream-ordered)."""
-    device = torch.device(device)
-    if device.type != "cuda" or triton is None or os.environ.get("DFLASH_ATTN_ONE_KERNEL") == "0":
-        return None
-    return torch.zeros(4096, device=device, dtype=torch.int32)
-
-
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lim: torch.Tensor, scale: float | None = None,
-                     counters: torch.Tensor | None = None) -> torch.Tensor:
+                     lim: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """q [1, H, T, D], caches [1, Hkv, C, D], lim [T] (last visible slot of each query)
-    -> attention output [1, T, H * D] (the layout the output projection wants).
-
-    With ``counters`` (see ``attention_counters``) the splits are combined inside the one
-    kernel by the last program to finish; without, by a second kernel. Same arithmetic per row
-    either way, up to the order of the combine's sum."""
+    -> attention output [1, T, H * D] (the layout the output projection wants)."""
     _, h, t, d = q.shape
     hkv, cap = k_cache.shape[1], k_cache.shape[2]
     g = h // hkv
@@ -364,16 +342,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     po = torch.empty((hkv, splits, g * t, d), device=q.device, dtype=torch.float32)
     pm = torch.empty((hkv, splits, g * t), device=q.device, dtype=torch.float32)
     pl = torch.empty_like(pm)
+    _attn_partial_kernel[(hkv, splits, triton.cdiv(g * t, 16))](
+        q, k_cache, v_cache, lim, po, pm, pl, t, scale, q.stride(1), q.stride(2),
+        k_cache.stride(1), k_cache.stride(2), G=g, D=d, SPLITS=splits, CHUNK=chunk,
+        BLOCK_N=min(chunk, 128), PDL=pdl, num_warps=4, num_stages=2, **pdl_opts(pdl))
     out = torch.empty((1, t, h * d), device=q.device, dtype=q.dtype)
-    tiles = triton.cdiv(g * t, 16)
-    combine = counters is not None and hkv * tiles <= counters.numel()
-    _attn_partial_kernel[(hkv, splits, tiles)](
-        q, k_cache, v_cache, lim, po, pm, pl, counters if combine else pm, out, t, h, scale,
-        q.stride(1), q.stride(2), k_cache.stride(1), k_cache.stride(2), G=g, D=d,
-        SPLITS=splits, CHUNK=chunk, BLOCK_N=64, COMBINE=combine, PDL=pdl, num_warps=4,
-        num_stages=2, **pdl_opts(pdl))
-    if combine:
-        return out
     _attn_combine_kernel[(hkv, g * t)](po, pm, pl, out, t, h, G=g, D=d, SPLITS=splits,
                                        SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl,
                                        num_warps=4, **pdl_opts(pdl))

@@ -1,14 +1,14 @@
-"""A decoder layer in eight Triton kernels, for decode-sized steps (<= 16 tokens) on CUDA.
+"""A decoder layer in nine Triton kernels, for decode-sized steps (<= 16 tokens) on CUDA.
 
 At batch 1 a layer is a read of its weights plus a chain of tiny dependent kernels; each
 kernel boundary costs a few microseconds of ramp-up and drain that no bandwidth can hide.
 The unfused layer (``graphs.pre_attention`` / ``post_attention``) launches ~14 kernels; this
-one launches 8, keeping the tuned skinny GEMM main loop (dflash/kernels.py) untouched and
+one launches 9, keeping the tuned skinny GEMM main loop (dflash/kernels.py) untouched and
 folding the small steps into the kernels around it:
 
     qkv  = x1 @ Wqkv                         x1 = norm(h; ln1), made by the previous kernel
     q    = rope(norm(q)); cache <- k, v      one kernel: head norms, rotary, cache writes
-    attn = decode_attention(q, cache)        one kernel (dflash/kernels.py)
+    attn = decode_attention(q, cache)        two kernels (dflash/kernels.py)
     h    = h + attn @ Wo;  x2 = norm(h; ln2)  GEMM partials + one residual/norm kernel
     a    = silu(x2 @ Wg) * (x2 @ Wu)         one GEMM over interleaved gate/up rows, SwiGLU
                                              in the epilogue
@@ -193,17 +193,16 @@ def layer_supported(fl, x: torch.Tensor, k_cache: torch.Tensor, cos: torch.Tenso
 
 
 def fused_layer(h, x1, fl, next_norm, positions, lim, k_cache, v_cache, cos, sin, *, n_heads,
-                n_kv, head_dim, eps, counters=None):
+                n_kv, head_dim, eps):
     """One decoder layer for T <= 16 tokens: residual h [T, hidden] and its normed input x1 ->
     (new h, norm(new h; next_norm)). Writes this layer's k/v into the caches.
 
     ``lim`` [T]: last cache slot each query sees (its position for a causal target step, the
-    block's last position for the draft). ``counters``: ``kernels.attention_counters`` (the
-    attention then combines its splits in one kernel)."""
+    block's last position for the draft)."""
     qkv = _gemm(x1, fl.wqkv)
     q = qk_rope_cache(qkv, positions, cos, sin, fl.qn, fl.kn, k_cache, v_cache, n_heads, n_kv,
                       head_dim, eps)
-    attn = decode_attention(q, k_cache, v_cache, lim, counters=counters)[0]
+    attn = decode_attention(q, k_cache, v_cache, lim)[0]
     h, x2 = residual_norm(h, _gemm(attn, fl.wo, partial=True), fl.ln2, eps)
     act = _gemm(x2, fl.wgu, swiglu=True)
     return residual_norm(h, _gemm(act, fl.wd, partial=True), next_norm, eps)
