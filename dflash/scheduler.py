@@ -27,6 +27,7 @@ server would; the spec's scheduler starts afresh per prompt, which is the defaul
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 from collections import Counter, deque
 from statistics import median
 from typing import Iterable, Sequence
@@ -288,6 +289,9 @@ class EWMAScheduler(_Bookkeeping):
 
 # --------------------------------------------------------------------------- cost-model scheduler
 
+EAGER_DECISIONS = 16  # cycles of a generation after which the cost model decides less often
+
+
 class CostModelScheduler(_Bookkeeping):
     """Picks ``argmax_b E[tau(b)] / c(b)`` from a per-position acceptance model.
 
@@ -315,7 +319,11 @@ class CostModelScheduler(_Bookkeeping):
     position just past it has less data than ``prior_weight``, the next cycle probes the
     largest size, whatever the estimate says.
     A switch needs the winner to beat the current size by ``switch_margin`` on
-    ``required_streak`` consecutive updates.
+    ``required_streak`` consecutive decisions. The decision is re-evaluated after every cycle
+    at another size, after each of a generation's first ``EAGER_DECISIONS`` cycles (its
+    acceptance estimate starts afresh) and every ``decide_interval`` cycles; the other
+    updates only count (a few microseconds of Python per cycle matter when a cycle is a
+    fraction of a millisecond, as on a GPU with a small pair).
     """
 
     name = "costmodel"
@@ -323,7 +331,8 @@ class CostModelScheduler(_Bookkeeping):
     def __init__(self, candidates: Sequence[int] | str = DEFAULT_CANDIDATES, cost_warmup: int = 2,
                  cost_window: int = 9, accept_decay: float = 0.90, prior_weight: float = 2.0,
                  switch_margin: float = 0.02, required_streak: int = 1, probe_interval: int = 16,
-                 cost_refresh_interval: int = 64, probe_band: float = 0.15):
+                 cost_refresh_interval: int = 64, probe_band: float = 0.15,
+                 decide_interval: int = 4):
         self.candidates = parse_candidates(candidates)
         self.cost_warmup = _check_int("cost_warmup", cost_warmup, 1)
         self.cost_window = _check_int("cost_window", cost_window, 1)
@@ -334,9 +343,11 @@ class CostModelScheduler(_Bookkeeping):
         self.probe_interval = _check_int("probe_interval", probe_interval, 0)
         self.cost_refresh_interval = _check_int("cost_refresh_interval", cost_refresh_interval, 0)
         self.probe_band = _check_real("probe_band", probe_band, 0.0, 1.0)
+        self.decide_interval = _check_int("decide_interval", decide_interval, 1)
         self.max_block_size = self.candidates[-1]
         self._costs: dict[int, deque] = {b: deque(maxlen=self.cost_window)
                                          for b in self.candidates}
+        self._cost_median: dict[int, float | None] = {b: None for b in self.candidates}
         self.reset()
 
     def reset(self, keep_costs: bool = False, keep_estimates: bool = False) -> None:
@@ -349,14 +360,22 @@ class CostModelScheduler(_Bookkeeping):
             self._reset_counters()
             return
         n = self.max_block_size
-        self._at_risk = [0.0] * n   # index k = draft position k (1..n-1); index 0 unused
-        self._accepted = [0.0] * n
+        # Decayed counts of cycles by the last draft position they reached (``_risk_end[m]``,
+        # m = 1..n-1) and by the number of drafts they accepted (``_acc_end[a]``); the counts
+        # per position are their suffix sums. Stored undecayed: true count = raw / self._w,
+        # and each new cycle adds self._w (which grows by 1/decay per cycle), so an update
+        # is two additions.
+        self._risk_end = [0.0] * n
+        self._acc_end = [0.0] * n
+        self._w = 1.0
         # tau measured at each size itself (decayed per own cycle): caps the nested estimate
         self._direct = {b: [0.0, 0.0] for b in self.candidates}  # [weighted tau sum, weight]
         self._cost_seen = {}
+        self._warm = False
         for b in self.candidates:
             if not keep_costs:
                 self._costs[b].clear()
+                self._cost_median[b] = None
             self._cost_seen[b] = 0  # cycle (of this generation) of the last cost measurement
         self.current: int | None = None
         self._rr = 0
@@ -364,25 +383,62 @@ class CostModelScheduler(_Bookkeeping):
         self._streak = 0
         self._since_probe = 0
         self._since_refresh = 0
+        self._since_decide = 0
         self._censored = False
         self._reset_counters()
 
     # -- estimates
     @property
     def warming_up(self) -> bool:
-        return any(len(self._costs[b]) < self.cost_warmup for b in self.candidates)
+        if not self._warm:  # latched: cost windows only empty again on reset
+            self._warm = all(len(self._costs[b]) >= self.cost_warmup for b in self.candidates)
+        return not self._warm
+
+    @staticmethod
+    def _suffix_sums(ends: list[float]) -> list[float]:
+        out = list(accumulate(reversed(ends)))
+        out.reverse()
+        return out
+
+    @property
+    def _at_risk(self) -> list[float]:
+        """Decayed number of cycles that reached draft position k (index k)."""
+        return [x / self._w for x in self._suffix_sums(self._risk_end)]
+
+    @property
+    def _accepted(self) -> list[float]:
+        """Decayed number of cycles that accepted draft position k (index k)."""
+        acc = self._suffix_sums(self._acc_end)
+        return [0.0] + [x / self._w for x in acc[1:]]
 
     def cost(self, b: int) -> float | None:
-        q = self._costs[b]
-        return median(q) if q else None
+        if self._cost_median[b] is None and self._costs[b]:
+            self._cost_median[b] = median(self._costs[b])
+        return self._cost_median[b]
 
     def acceptance_rates(self) -> list[float]:
         """Estimated conditional acceptance rate of draft positions 1..max_block_size-1."""
-        at_risk, accepted = self._at_risk, self._accepted
-        pooled = (sum(accepted) + 0.5) / (sum(at_risk) + 1.0)
-        w = self.prior_weight
-        return [(accepted[k] + w * pooled) / (at_risk[k] + w)
-                for k in range(1, self.max_block_size)]
+        risk = self._suffix_sums(self._risk_end)[1:]
+        acc = self._suffix_sums(self._acc_end)[1:]
+        w = self._w
+        pooled = (sum(acc) + 0.5 * w) / (sum(risk) + w)
+        prior = self.prior_weight * w  # in raw units
+        return [(a + prior * pooled) / (r + prior) for a, r in zip(acc, risk)]
+
+    def _cumulative_tau(self, rates: list[float]) -> list[float]:
+        """Uncapped E[tau(b)] of the nested model for b = 1..max_block_size (index b - 1)."""
+        out, expected, survive = [1.0], 1.0, 1.0
+        for r in rates:
+            survive *= r
+            expected += survive
+            out.append(expected)
+        return out
+
+    def _capped(self, b: int, expected: float) -> float:
+        total, weight = self._direct.get(b, (0.0, 0.0))
+        if weight >= DIRECT_MIN_WEIGHT:  # only a clear shortfall, not sampling noise
+            expected = min(expected, total / weight / (1.0 - DIRECT_TOLERANCE))
+        return expected
 
     def expected_tau(self, b: int, rates: list[float] | None = None) -> float:
         """``E[tau(b)]`` under the acceptance model, capped by what size b itself achieved.
@@ -391,26 +447,19 @@ class CostModelScheduler(_Bookkeeping):
         draft trained at one block size breaks that (its smaller blocks accept less), so once a
         size has its own measurements (warm-up, probes), their mean caps the estimate."""
         rates = self.acceptance_rates() if rates is None else rates
-        expected, survive = 1.0, 1.0
-        for k in range(1, b):
-            survive *= rates[k - 1]
-            expected += survive
-        total, weight = self._direct.get(b, (0.0, 0.0))
-        if weight >= DIRECT_MIN_WEIGHT:  # only a clear shortfall, not sampling noise
-            expected = min(expected, total / weight / (1.0 - DIRECT_TOLERANCE))
-        return expected
+        return self._capped(b, self._cumulative_tau(rates[:b - 1])[-1])
 
     def scores(self) -> dict[int, float]:
         """Estimated tokens per second of each candidate (0 where its cost is unknown)."""
-        rates = self.acceptance_rates()
+        taus = self._cumulative_tau(self.acceptance_rates())
         out = {}
         for b in self.candidates:
             c = self.cost(b)
-            out[b] = 0.0 if c is None else self.expected_tau(b, rates) / max(c, 1e-12)
+            out[b] = 0.0 if c is None else self._capped(b, taus[b - 1]) / max(c, 1e-12)
         return out
 
     def best(self, scores: dict[int, float] | None = None) -> int:
-        if not any(self._at_risk):
+        if not any(self._risk_end):
             return self.max_block_size  # no acceptance data yet: the draft's natural size
         scores = self.scores() if scores is None else scores
         return max(self.candidates, key=lambda b: (scores[b], b))
@@ -438,12 +487,12 @@ class CostModelScheduler(_Bookkeeping):
         return self.current
 
     def _probe_choice(self) -> int | None:
-        others = [b for b in self.candidates if b != self.current]
-        if not others:
+        if len(self.candidates) < 2:
             return None
         scores = None
         if self.cost_refresh_interval and self._since_refresh >= self.cost_refresh_interval:
             self._since_refresh = 0
+            others = [b for b in self.candidates if b != self.current]
             scores = self.scores()
             floor = scores[self.current] * (1.0 - self.probe_band)
             stale = 4 * self.cost_refresh_interval
@@ -455,7 +504,7 @@ class CostModelScheduler(_Bookkeeping):
                 return b
         top = self.max_block_size
         if (self._censored and self.current < top
-                and self._at_risk[self.current] < self.prior_weight):
+                and sum(self._risk_end[self.current:]) < self.prior_weight * self._w):
             # The current block was fully accepted, so its run says nothing about the
             # positions past it, and they have (almost) no data: the estimate for larger
             # blocks is the prior's guess. One cycle at the largest measures them (with a
@@ -480,24 +529,30 @@ class CostModelScheduler(_Bookkeeping):
         b = block_size
         tau = min(max(int(tau), 1), b)
         d = self.accept_decay
-        if d < 1.0:
-            self._at_risk = [x * d for x in self._at_risk]
-            self._accepted = [x * d for x in self._accepted]
+        self._w /= d  # decays every earlier count by d relative to this cycle's
+        if self._w > 1e100:  # renormalise long before float overflow
+            self._risk_end = [x / self._w for x in self._risk_end]
+            self._acc_end = [x / self._w for x in self._acc_end]
+            self._w = 1.0
         direct = self._direct[b]
         direct[0] = direct[0] * d + tau
         direct[1] = direct[1] * d + 1.0
         acc = tau - 1
-        for k in range(1, acc + 1):
-            self._at_risk[k] += 1.0
-            self._accepted[k] += 1.0
-        if acc + 1 <= b - 1:
-            self._at_risk[acc + 1] += 1.0
+        if b > 1:  # positions 1..acc accepted; the run reached min(acc + 1, b - 1)
+            self._risk_end[min(acc + 1, b - 1)] += self._w
+            self._acc_end[acc] += self._w
         self._censored = b == self.current and tau == b < self.max_block_size
         if cycle_s > 0 and math.isfinite(cycle_s):
             self._costs[b].append(float(cycle_s))
+            self._cost_median[b] = None  # recomputed when next needed
             self._cost_seen[b] = self.cycles
         if self.warming_up:
             return
+        self._since_decide += 1
+        if (b == self.current and self._since_decide < self.decide_interval
+                and self._challenger is None and self.cycles > EAGER_DECISIONS):
+            return
+        self._since_decide = 0
         scores = self.scores()
         if self.current is None:
             self.current = self.best(scores)
