@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -165,6 +166,22 @@ def is_out_of_memory(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, RuntimeError) and ("out of memory" in text.lower()
                                               or "can't allocate memory" in text)
+
+
+@contextlib.contextmanager
+def no_gc_pauses():
+    """A timed generation without Python's cyclic garbage collector: a collection of a
+    process holding a model's worth of objects takes milliseconds, as long as dozens of
+    decoding cycles of a small pair on a GPU, and lands on whichever mode is running
+    (what timeit does too). Collected before, re-enabled after."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def free_memory() -> None:

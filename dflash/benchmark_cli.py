@@ -104,9 +104,10 @@ def _generate_turns(decoder, pair, prompt, args, block_size, seed, profile):
         ids = bench.encode_chat(pair.tokenizer, messages, enable_thinking=args.enable_thinking,
                                 raw=args.no_chat_template)
         input_ids = torch.tensor([ids], device=pair.device)
-        res = decoder.generate(input_ids, args.max_new_tokens, temperature=args.temperature,
-                               stop_token_ids=stops, block_size=block_size, generator=gen,
-                               collect_profile=profile)
+        with bench.no_gc_pauses():
+            res = decoder.generate(input_ids, args.max_new_tokens, temperature=args.temperature,
+                                   stop_token_ids=stops, block_size=block_size, generator=gen,
+                                   collect_profile=profile)
         results.append(res)
         reply = pair.tokenizer.decode(res.output_ids, skip_special_tokens=True)
         texts.append(reply)
