@@ -124,10 +124,12 @@ TABLE_PATH = CONFIG_DIR / "skinny_gemm_h100.json"
 
 
 def table_path(gpu_name: str) -> Path:
-    """The tuned table for a GPU model: configs/skinny_gemm_h200.json for 'NVIDIA H200', etc."""
-    for model in ("h200", "h100"):
-        path = CONFIG_DIR / f"skinny_gemm_{model}.json"
-        if model in gpu_name.lower() and path.exists():
+    """The tuned table for a GPU model: configs/skinny_gemm_<model>.json whose <model> is in
+    the device name ('h200' for 'NVIDIA H200'); the H100 table otherwise."""
+    name = gpu_name.lower()
+    tables = sorted(CONFIG_DIR.glob("skinny_gemm_*.json"), key=lambda p: -len(p.stem))
+    for path in tables:  # the longest (most specific) model name first
+        if path.stem[len("skinny_gemm_"):] in name:
             return path
     return TABLE_PATH
 

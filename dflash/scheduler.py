@@ -306,8 +306,15 @@ class CostModelScheduler(_Bookkeeping):
     fit of tau(16) = 7.67 predicts tau(8) = 5.5 and tau(12) = 6.8; measured 5.46 and 6.80) but
     not beyond it (tau(20) = 6.4 < tau(16)): keep candidates <= the draft's block size.
 
-    Cost model: the median of the last ``cost_window`` cycle times of each candidate, measured
-    ``cost_warmup`` times per candidate at the start (round-robin, largest first).
+    Cost model, paired: what matters is each size's cost relative to the largest, and a
+    cycle's time moves with the machine and the prompt as much as with its size. So a size is
+    compared with its neighbours in time: a cycle at ``b`` between two cycles at ``a`` (or one
+    at ``a`` between two at ``b``) gives ``c(b) / c(a)`` against the geometric mean of the two
+    neighbours, and ``c(b) / c(largest)`` is the median of the last ``cost_window`` such
+    ratios (chained through ``a`` when ``a`` is not the largest). Warm-up interleaves the
+    largest with the others (L, b1, L, b2, L, ...) until every size has ``cost_warmup``
+    ratios. Where a size has no ratio yet, the ratio of its median cycle time to the
+    largest's stands in. Costs are kept across prompts (``reset(keep_costs=True)``).
 
     Probes, only where they can change the decision: every ``cost_refresh_interval`` cycles
     the least recently measured candidate whose score is within ``probe_band`` (relative) of
@@ -348,12 +355,17 @@ class CostModelScheduler(_Bookkeeping):
         self._costs: dict[int, deque] = {b: deque(maxlen=self.cost_window)
                                          for b in self.candidates}
         self._cost_median: dict[int, float | None] = {b: None for b in self.candidates}
+        # log(c(b) / c(largest)) from paired neighbours, per smaller candidate
+        self._log_ratios: dict[int, deque] = {b: deque(maxlen=self.cost_window)
+                                              for b in self.candidates[:-1]}
+        self._ratio_median: dict[int, float | None] = {b: None for b in self.candidates[:-1]}
         self.reset()
 
     def reset(self, keep_costs: bool = False, keep_estimates: bool = False) -> None:
         """Start a new generation; ``keep_costs`` keeps the cycle-cost measurements (a property
         of the hardware, not of the prompt) so the next prompt skips the warm-up;
         ``keep_estimates`` keeps those, the acceptance model and the current size too."""
+        self._recent: list[tuple[int, float]] = []  # the last two cycles: (block size, time)
         if keep_estimates and self.current is not None:
             self._cost_seen = {b: s - self.cycles for b, s in self._cost_seen.items()}
             self._challenger, self._streak = None, 0
@@ -376,6 +388,9 @@ class CostModelScheduler(_Bookkeeping):
             if not keep_costs:
                 self._costs[b].clear()
                 self._cost_median[b] = None
+                if b in self._log_ratios:
+                    self._log_ratios[b].clear()
+                    self._ratio_median[b] = None
             self._cost_seen[b] = 0  # cycle (of this generation) of the last cost measurement
         self.current: int | None = None
         self._rr = 0
@@ -391,7 +406,8 @@ class CostModelScheduler(_Bookkeeping):
     @property
     def warming_up(self) -> bool:
         if not self._warm:  # latched: cost windows only empty again on reset
-            self._warm = all(len(self._costs[b]) >= self.cost_warmup for b in self.candidates)
+            self._warm = (len(self._costs[self.max_block_size]) >= self.cost_warmup
+                          and all(len(q) >= self.cost_warmup for q in self._log_ratios.values()))
         return not self._warm
 
     @staticmethod
@@ -412,9 +428,44 @@ class CostModelScheduler(_Bookkeeping):
         return [0.0] + [x / self._w for x in acc[1:]]
 
     def cost(self, b: int) -> float | None:
+        """Median cycle time measured at size b (seconds)."""
         if self._cost_median[b] is None and self._costs[b]:
             self._cost_median[b] = median(self._costs[b])
         return self._cost_median[b]
+
+    def relative_cost(self, b: int) -> float | None:
+        """c(b) / c(largest): paired estimate, else the ratio of median cycle times."""
+        if b == self.max_block_size:
+            return 1.0
+        if self._ratio_median[b] is None and self._log_ratios[b]:
+            self._ratio_median[b] = math.exp(median(self._log_ratios[b]))
+        if self._ratio_median[b] is not None:
+            return self._ratio_median[b]
+        c, top = self.cost(b), self.cost(self.max_block_size)
+        return c / top if c is not None and top else None
+
+    def _add_ratio(self, b: int, log_ratio: float) -> None:
+        self._log_ratios[b].append(log_ratio)
+        self._ratio_median[b] = None
+
+    def _pair(self, b: int, c: float) -> None:
+        """Record c(y)/c(x) from a pattern x, y, x of the last three cycles (see the class doc)."""
+        self._recent.append((b, c))
+        if len(self._recent) > 3:
+            del self._recent[0]
+        if len(self._recent) < 3:
+            return
+        (x1, c1), (y, cy), (x2, c2) = self._recent
+        if x1 != x2 or y == x1 or min(c1, cy, c2) <= 0:
+            return
+        lr = math.log(cy) - 0.5 * (math.log(c1) + math.log(c2))  # log c(y) / c(x)
+        top = self.max_block_size
+        if x1 == top:
+            self._add_ratio(y, lr)
+        elif y == top:
+            self._add_ratio(x1, -lr)
+        elif self._log_ratios[x1]:  # chain through x's own ratio to the largest
+            self._add_ratio(y, lr + median(self._log_ratios[x1]))
 
     def acceptance_rates(self) -> list[float]:
         """Estimated conditional acceptance rate of draft positions 1..max_block_size-1."""
@@ -450,12 +501,14 @@ class CostModelScheduler(_Bookkeeping):
         return self._capped(b, self._cumulative_tau(rates[:b - 1])[-1])
 
     def scores(self) -> dict[int, float]:
-        """Estimated tokens per second of each candidate (0 where its cost is unknown)."""
+        """Estimated tokens per second of each candidate (0 where its cost is unknown): the
+        largest size's median cycle time scaled by each size's relative cost."""
         taus = self._cumulative_tau(self.acceptance_rates())
+        top = self.cost(self.max_block_size) or 1.0
         out = {}
         for b in self.candidates:
-            c = self.cost(b)
-            out[b] = 0.0 if c is None else self._capped(b, taus[b - 1]) / max(c, 1e-12)
+            r = self.relative_cost(b)
+            out[b] = 0.0 if r is None else self._capped(b, taus[b - 1]) / max(r * top, 1e-12)
         return out
 
     def best(self, scores: dict[int, float] | None = None) -> int:
@@ -467,14 +520,18 @@ class CostModelScheduler(_Bookkeeping):
     # -- protocol
     def select(self, cycle_idx: int) -> int:
         if self.warming_up:
-            order = self.candidates[::-1]  # largest first: it informs every position
-            n = len(order)
-            for k in range(n):
-                b = order[(self._rr + k) % n]
-                if len(self._costs[b]) < self.cost_warmup:
-                    self._rr = (self._rr + k + 1) % n
-                    self.trace.append((b, "warmup"))
-                    return b
+            # L, b1, L, b2, L, ...: the largest between the others, so each of their cycles
+            # has a pair of neighbours at the largest (and the largest informs every position)
+            top = self.max_block_size
+            others = [b for b in self.candidates[::-1][1:]
+                      if len(self._log_ratios[b]) < self.cost_warmup]
+            if not self._recent or self._recent[-1][0] != top or not others:
+                b = top
+            else:
+                b = others[self._rr % len(others)]
+                self._rr += 1
+            self.trace.append((b, "warmup"))
+            return b
         if self.current is None:
             self.current = self.best()
         self._since_probe += 1
@@ -546,6 +603,7 @@ class CostModelScheduler(_Bookkeeping):
             self._costs[b].append(float(cycle_s))
             self._cost_median[b] = None  # recomputed when next needed
             self._cost_seen[b] = self.cycles
+            self._pair(b, float(cycle_s))
         if self.warming_up:
             return
         self._since_decide += 1

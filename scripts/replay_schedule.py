@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -64,27 +65,31 @@ def record_runs(datasets, samples, max_new, draft_block) -> dict:
     return out
 
 
-def generate(policy, rec, costs, rng, noise) -> tuple[float, int]:
-    """One prompt: (decode seconds, tokens after the first)."""
+def generate(policy, rec, costs, rng, noise, drift=0.0) -> tuple[float, int]:
+    """One prompt: (decode seconds, tokens after the first). ``drift``: the machine's speed
+    also wanders (sd ``drift`` in log space: a level per prompt times a slow AR(1) process),
+    as a shared CPU or a GPU host does, which pairs of neighbouring cycles cancel."""
     done, elapsed, s, i = 1, 0.0, 0, 0
+    level, slow = rng.gauss(0.0, drift), 0.0
     while done < rec["tokens"]:
         b = policy.select(i)
         tau = min(rec["runs"][s] + 1, b)
-        c = costs[b] * max(0.5, 1.0 + noise * rng.gauss(0.0, 1.0))
+        slow = 0.95 * slow + rng.gauss(0.0, drift * 0.31)  # stationary sd ~ drift
+        c = costs[b] * math.exp(level + slow) * max(0.5, 1.0 + noise * rng.gauss(0.0, 1.0))
         policy.update(tau, c, b, i)
         elapsed += c
         done, s, i = done + tau, s + tau, i + 1
     return elapsed, min(done, rec["tokens"]) - 1
 
 
-def tpot(make, records, costs, seed, noise, keep) -> float:
+def tpot(make, records, costs, seed, noise, keep, drift=0.0) -> float:
     rng, policy, t, n = random.Random(seed), make(), 0.0, 0
     for rec in records:
         if isinstance(policy, CostModelScheduler):
             policy.reset(keep_costs=True, keep_estimates=keep)
         elif isinstance(policy, EWMAScheduler):
             policy.reset(keep_estimates=keep)
-        dt, dn = generate(policy, rec, costs, rng, noise)
+        dt, dn = generate(policy, rec, costs, rng, noise, drift)
         t, n = t + dt, n + dn
     return t / max(1, n)
 
@@ -99,6 +104,8 @@ def main(argv=None) -> int:
                          "of the embedded pair on the 2-core CPU)")
     ap.add_argument("--noise", type=float, default=0.05, help="relative cost noise (sd)")
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--drift", type=float, default=0.0,
+                    help="slow drift of the machine's speed (sd in log space), see generate()")
     ap.add_argument("--runs-json", default=None,
                     help="reuse (or write, if missing) the recorded runs here")
     args = ap.parse_args(argv)
@@ -114,16 +121,19 @@ def main(argv=None) -> int:
             path.write_text(json.dumps(data))
     makers = {"ewma": lambda: EWMAScheduler(cands), "costmodel": lambda: CostModelScheduler(cands)}
     seeds = range(args.seeds)
-    print(f"TPOT ms (mean of {args.seeds} seeds, cost noise {args.noise:.0%}); "
+    print(f"TPOT ms (mean of {args.seeds} seeds, cost noise {args.noise:.0%}, drift "
+          f"{args.drift:.0%}); "
           "ratio = best fixed / dynamic (> 1: dynamic faster)")
     for ds, records in data.items():
-        fixed = {b: sum(tpot(lambda b=b: FixedPolicy(b), records, costs, s, args.noise, False)
+        fixed = {b: sum(tpot(lambda b=b: FixedPolicy(b), records, costs, s, args.noise, False,
+                             args.drift)
                         for s in seeds) / len(seeds) for b in cands}
         best = min(fixed.values())
         cells = [f"fixed {b}: {1000 * v:.2f}" for b, v in fixed.items()]
         for keep in (False, True):
             for name, make in makers.items():
-                d = sum(tpot(make, records, costs, s, args.noise, keep) for s in seeds) / len(seeds)
+                d = sum(tpot(make, records, costs, s, args.noise, keep, args.drift)
+                        for s in seeds) / len(seeds)
                 cells.append(f"{name}{' keep' if keep else ''}: {best / d:.3f}x")
         print(f"{ds}: " + " | ".join(cells))
     return 0

@@ -10,6 +10,8 @@ shape (coordinate descent, two passes), replays the whole AR step (T=1) and veri
 Prints every candidate and writes the winners as a table for dflash.kernels.
 
 Usage (GPU): python scripts/tune_layer_step.py --out tune_layer.json [--write-table PATH]
+A table written as dflash/configs/skinny_gemm_<model>.json (e.g. skinny_gemm_a100.json) is
+used on every GPU whose name contains <model>.
 """
 import argparse
 import itertools

@@ -60,3 +60,14 @@ def test_package_imports_without_triton():
             "dec.generate(ids, 12, block_size=1).output_ids\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_gemm_table_is_chosen_by_gpu_name():
+    from dflash.kernels import load_table, table_path
+
+    assert table_path("NVIDIA H200").name == "skinny_gemm_h200.json"
+    assert table_path("NVIDIA H100 80GB HBM3").name == "skinny_gemm_h100.json"
+    assert table_path("NVIDIA A100-SXM4-80GB").name == "skinny_gemm_h100.json"  # the default
+    for name in ("NVIDIA H100", "NVIDIA H200"):
+        table = load_table(table_path(name))
+        assert (19456, 2560) in table and table[(151936, 2560)] is None  # LM head stays cuBLAS
