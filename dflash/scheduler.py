@@ -15,8 +15,9 @@ hysteresis (margin + streak), cooldown, periodic probes and a low-acceptance fal
 ``B`` accepts a run of ``r`` draft tokens; the same run tells what a block ``b <= B`` would have
 yielded (``tau_b = min(r + 1, b)``) and, when the run ended inside the block, what any larger
 block would have yielded too. The scheduler keeps decayed per-position acceptance counts
-(a discrete survival model), derives ``E[tau(b)]`` for every candidate from them, measures the
-cycle cost ``c(b)`` of each candidate a few times, and runs ``argmax_b E[tau(b)] / c(b)``.
+(a discrete survival model), derives ``E[tau(b)]`` for every candidate from them, measures
+each candidate's cycle cost relative to the largest from neighbouring cycles (so a machine
+whose speed drifts does not bias it), and runs ``argmax_b E[tau(b)] / c(b)``.
 
 Pure Python: no torch import, so the schedulers can be unit-tested on synthetic traces.
 One instance follows one generation; call ``reset()`` between prompts (``CostModelScheduler``
