@@ -445,6 +445,14 @@ class CostModelScheduler(_Bookkeeping):
         c, top = self.cost(b), self.cost(self.max_block_size)
         return c / top if c is not None and top else None
 
+    def summary(self) -> dict:
+        """The counters, plus the cost and acceptance estimates the decisions rest on."""
+        out = super().summary()
+        out["relative_cost"] = {str(b): self.relative_cost(b) for b in self.candidates}
+        out["expected_tau"] = ({str(b): self.expected_tau(b) for b in self.candidates}
+                               if any(self._risk_end) else None)
+        return out
+
     def _add_ratio(self, b: int, log_ratio: float) -> None:
         self._log_ratios[b].append(log_ratio)
         self._ratio_median[b] = None

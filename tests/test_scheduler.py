@@ -443,3 +443,19 @@ def test_bursty_rejections_with_a_b16_trained_draft_keep_the_large_block(make, c
     rate = lambda m: sum(simulate_trained_at_16(m(), cost, seed=s) for s in range(4)) / 4
     best = max(rate(lambda b=b: FixedPolicy(b)) for b in (8, 12, 16))
     assert rate(make) >= 0.98 * best
+
+
+def test_costmodel_pairs_neighbouring_cycles_against_a_drifting_machine():
+    """c(8)/c(16) = 0.8 while the machine slows down 3% per cycle: each size's own median
+    cycle time would say 8 is dearer (its cycles came later); the paired ratio says 0.8."""
+    s = CostModelScheduler(candidates=[8, 16], cost_warmup=3, probe_interval=0,
+                           cost_refresh_interval=0)
+    speed = 1.0
+    while s.warming_up:
+        b = s.select(s.cycles)
+        speed *= 1.03
+        s.update(2, (0.008 if b == 8 else 0.010) * speed, b, s.cycles)
+    # the largest in between; 16,8,16 and 8,16,8 both give a ratio: 3 ratios in 5 cycles
+    assert [b for b, _ in s.trace] == [16, 8, 16, 8, 16]
+    assert abs(s.relative_cost(8) - 0.8) < 0.01
+    assert s.summary()["relative_cost"] == {"8": s.relative_cost(8), "16": 1.0}
