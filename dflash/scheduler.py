@@ -465,7 +465,7 @@ class CostModelScheduler(_Bookkeeping):
         if len(self._recent) < 3:
             return
         (x1, c1), (y, cy), (x2, c2) = self._recent
-        if x1 != x2 or y == x1 or min(c1, cy, c2) <= 0:
+        if x1 != x2 or y == x1 or not all(c > 0 and math.isfinite(c) for c in (c1, cy, c2)):
             return
         lr = math.log(cy) - 0.5 * (math.log(c1) + math.log(c2))  # log c(y) / c(x)
         top = self.max_block_size
@@ -612,7 +612,7 @@ class CostModelScheduler(_Bookkeeping):
             self._costs[b].append(float(cycle_s))
             self._cost_median[b] = None  # recomputed when next needed
             self._cost_seen[b] = self.cycles
-            self._pair(b, float(cycle_s))
+        self._pair(b, float(cycle_s))
         if self.warming_up:
             return
         self._since_decide += 1
