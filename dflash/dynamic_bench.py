@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not run the autoregressive baseline")
     p.add_argument("--warmup-runs", type=int, default=1,
                    help="untimed warm-up generations per mode before measuring (default 1)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every mode this many times per prompt, in rotated order, and keep "
+                        "each mode's median-TPOT run (for noisy hosts; default 1)")
     return p
 
 
@@ -112,6 +115,8 @@ def check_args(args) -> list[int]:
     candidates = parse_candidates(args.candidate_block_sizes)
     if args.warmup_runs < 0:
         raise UserError(f"--warmup-runs must be >= 0, got {args.warmup_runs}")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     if args.draft_block_size is not None and (args.draft_block_size < 0
                                               or args.draft_block_size == 1):
         raise UserError(f"--draft-block-size must be 0 (native) or >= 2, "
@@ -144,6 +149,7 @@ def run_config(args, model_name: str, draft_name: str, draft_block_size: int | N
             "truncate_to": truncate_to(args, draft_block_size),
             "policy": args.policy, "scheduler": settings, "keep_estimates": args.keep_estimates,
             "compare_static": args.compare_static, "skip_baseline": args.skip_baseline,
+            **({"repeats": args.repeats} if args.repeats > 1 else {}),
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
             "engine": args.engine, "enable_thinking": args.enable_thinking,
@@ -286,22 +292,43 @@ def warm_up(decoder, pair, prompt, args, candidates, policy, trunc, prompts=()) 
 
 
 def run_sample(decoder, pair, prompt, args, candidates, policy, trunc) -> dict:
+    """Every mode on one prompt: baseline, (with --compare-static) each fixed mode, dynamic.
+    With --repeats R every mode runs R times, in an order rotated each round (so no mode
+    always runs first or last), and each mode keeps its median-TPOT run: a slow spell of
+    the host lands on one run of one mode, not on the comparison."""
     seed = bench.sample_seed(args.seed, prompt["id"])
     rec = {"id": prompt["id"], "dataset": args.dataset, "category": prompt["category"]}
+    big = max(candidates)
+    modes = []  # (key, run) where run() -> (results, texts, traces)
+    if not args.skip_baseline:
+        modes.append(("baseline", lambda: _generate_turns(decoder, pair, prompt, args, seed,
+                                                          block_size=1, max_block_size=big)))
+    if args.compare_static:
+        for label, b, t in static_modes(candidates, trunc or pair.draft.block_size):
+            modes.append((label, lambda b=b, t=t: _generate_turns(
+                decoder, pair, prompt, args, seed, block_size=b, max_block_size=big, trunc=t)))
+    modes.append(("dynamic", lambda: _generate_turns(decoder, pair, prompt, args, seed,
+                                                     policy=policy, trunc=trunc)))
+    runs: dict[str, list] = {key: [] for key, _ in modes}
+    for rep in range(args.repeats):
+        k = rep % len(modes)
+        for key, run in modes[k:] + modes[:k]:
+            runs[key].append(run())
+
+    def median_run(key):
+        tpots = [measure(results)["tpot_s"] for results, _, _ in runs[key]]
+        return runs[key][sorted(range(len(tpots)), key=tpots.__getitem__)[len(tpots) // 2]]
+
     base = None
     if not args.skip_baseline:
-        base, _, _ = _generate_turns(decoder, pair, prompt, args, seed, block_size=1,
-                                     max_block_size=max(candidates))
+        base = median_run("baseline")[0]
         rec["baseline"] = measure(base)
         rec["prompt_tokens"] = base[0].prompt_len
     if args.compare_static:
         rec["static"] = {}
-        for label, b, t in static_modes(candidates, trunc or pair.draft.block_size):
-            res, _, _ = _generate_turns(decoder, pair, prompt, args, seed, block_size=b,
-                                        max_block_size=max(candidates), trunc=t)
-            rec["static"][label] = measure(res, b)
-    dyn, texts, traces = _generate_turns(decoder, pair, prompt, args, seed, policy=policy,
-                                         trunc=trunc)
+        for label, b, _ in static_modes(candidates, trunc or pair.draft.block_size):
+            rec["static"][label] = measure(median_run(label)[0], b)
+    dyn, texts, traces = median_run("dynamic")
     rec["dynamic"] = dynamic_record(dyn, traces, candidates)
     rec["prompt_tokens"] = dyn[0].prompt_len
     rec["output_text"] = texts

@@ -110,6 +110,33 @@ def test_costmodel_policy_and_resume(pair, tmp_path, capsys):
         dynamic_bench.main(argv)
 
 
+def test_repeats_keep_each_modes_median_run(pair, tmp_path, monkeypatch):
+    """--repeats 3: every mode runs three times per prompt in rotated order; each keeps the
+    run with the median TPOT (here the runs are made to take 3, 1 and 2 ms per token)."""
+    calls = []
+    real = dynamic_bench._generate_turns
+
+    def counted(*a, **k):
+        results, texts, traces = real(*a, **k)
+        calls.append(k.get("block_size") or "dyn")
+        for r in results:  # fake decode times, per mode: 3x, 1x, 2x in its successive runs
+            r.total_s = r.ttft_s + [3, 1, 2][sum(c == calls[-1] for c in calls) - 1] * 1e-3 * \
+                max(1, len(r.output_ids) - 1)
+        return results, texts, traces
+
+    monkeypatch.setattr(dynamic_bench, "_generate_turns", counted)
+    out = tmp_path / "rep.json"
+    argv = ["--dataset", "builtin-code", "--max-samples", "1", *_models(pair),
+            "--max-new-tokens", "8", "--candidate-block-sizes", "4,8", "--warmup-runs", "0",
+            "--repeats", "3", "--output-json", str(out)]
+    assert dynamic_bench.main(argv) == 0
+    assert calls[:2] == [1, "dyn"] and calls[2:4] == ["dyn", 1]  # rotated order
+    assert len(calls) == 6
+    summary = json.loads(out.read_text())
+    assert summary["config"]["repeats"] == 3
+    assert abs(summary["baseline"]["tpot"] - 2e-3) < 1e-9  # the median of 3, 1 and 2 ms
+
+
 def test_native_mode_and_kept_estimates(pair, tmp_path, capsys):
     out = tmp_path / "native.json"
     argv = ["--dataset", "builtin-code", "--max-samples", "2", *_models(pair),
@@ -145,6 +172,7 @@ def test_native_mode_and_kept_estimates(pair, tmp_path, capsys):
     (["--warmup-runs", "-1"], "--warmup-runs"),
     (["--draft-block-size", "1"], "--draft-block-size"),
     (["--draft-block-size", "-4"], "--draft-block-size"),
+    (["--repeats", "0"], "--repeats"),
 ])
 def test_bad_flags_fail_before_loading_models(flags, message):
     args = dynamic_bench.build_parser().parse_args(["--dataset", "builtin-math", *flags])
