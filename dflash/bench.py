@@ -170,11 +170,13 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 @contextlib.contextmanager
 def no_gc_pauses():
-    """A timed generation without Python's cyclic garbage collector: a collection of a
-    process holding a model's worth of objects takes milliseconds, as long as dozens of
+    """A timed generation without Python's cyclic garbage collector: a full collection of a
+    process holding a model's worth of objects takes ~0.1-0.2 s, as long as hundreds of
     decoding cycles of a small pair on a GPU, and lands on whichever mode is running
-    (what timeit does too). Collected before, re-enabled after."""
-    gc.collect()
+    (what timeit does too). The young generations are collected before (well under a
+    millisecond; a full collection each time would add that 0.1-0.2 s per generation to the
+    run's wall time), and the collector is re-enabled after."""
+    gc.collect(1)
     was_enabled = gc.isenabled()
     gc.disable()
     try:

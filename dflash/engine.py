@@ -287,22 +287,23 @@ class DraftEngine:
     def _propose_logits(self, block_ids: torch.Tensor, positions: torch.Tensor,
                         kv_len: int | None = None) -> torch.Tensor:
         h = self.embed(block_ids).to(self.dtype)
-        cos, sin = self.cos[positions], self.sin[positions]
         t = block_ids.shape[1]
-        if kv_len is None:  # graph mode: whole buffer, positional mask (all queries alike)
-            kv_len = self.capacity
-            mask = (self.slots <= positions[-1])[None, None, None]
-            lim = positions[-1:].expand(t).contiguous()  # every query sees the whole block
-        else:
-            mask = lim = None
-        kernel_layers = (self.fused and lim is not None and layer_kernels_enabled()
-                         and layer_supported(self.fused_layers[0], h[0], self.k_cache[0], self.cos))
-        if kernel_layers:
+        # graph mode (whole buffer): every query sees the whole block
+        lim = positions[-1:].expand(t).contiguous() if kv_len is None else None
+        # Decode-sized graph steps: the whole layer in Triton kernels (dflash/layer_kernels.py).
+        if (self.fused and lim is not None and layer_kernels_enabled()
+                and layer_supported(self.fused_layers[0], h[0], self.k_cache[0], self.cos)):
             x, _ = fused_layers(h[0], self.fused_layers, self.draft.norm.weight, positions, lim,
                                 self.k_cache, self.v_cache, self.cos, self.sin,
                                 n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim,
                                 eps=self.eps)
             return linear(x[1:].to(self.lm_head.weight.dtype), self.lm_head.weight)[None]
+        cos, sin = self.cos[positions], self.sin[positions]
+        if kv_len is None:  # positional mask over the whole buffer (all queries alike)
+            kv_len = self.capacity
+            mask = (self.slots <= positions[-1])[None, None, None]
+        else:
+            mask = None
         for i, layer in enumerate(self.draft.layers):
             attn = layer.self_attn
             if self.fused:

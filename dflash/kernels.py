@@ -143,15 +143,11 @@ def load_table(path: Path = TABLE_PATH) -> dict[tuple[int, int], tuple[int, ...]
             for key, cfg in raw.items()}
 
 
-TUNED: dict = {}  # filled for the current GPU by config_for's first call
-_TABLE_LOADED = []
-
-
-def _load_tuned() -> None:
-    if not _TABLE_LOADED:
-        name = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else ""
-        TUNED.update(load_table(table_path(name)))
-        _TABLE_LOADED.append(name)
+@functools.lru_cache(maxsize=None)
+def tuned_table() -> dict[tuple[int, int], tuple[int, ...] | None]:
+    """The table for the current GPU, loaded on first use (scripts may edit the dict)."""
+    name = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else ""
+    return load_table(table_path(name))
 
 
 def heuristic_config(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, int]:
@@ -170,10 +166,10 @@ def valid_config(n: int, k: int, cfg) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def config_for(n: int, k: int):
-    _load_tuned()
-    if (n, k) in TUNED and TUNED[(n, k)] is None:
+    tuned = tuned_table()
+    if (n, k) in tuned and tuned[(n, k)] is None:
         return None
-    cfg = TUNED.get((n, k))
+    cfg = tuned.get((n, k))
     if cfg is None or not valid_config(n, k, cfg):
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         cfg = heuristic_config(n, k, sms)

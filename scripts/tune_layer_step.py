@@ -54,7 +54,7 @@ def deinterleave(w, chunk):
 
 def set_config(eng, name, cfg):
     n, k = SHAPES[name]
-    kernels.TUNED[(n, k)] = tuple(cfg)
+    kernels.tuned_table()[(n, k)] = tuple(cfg)
     kernels.config_for.cache_clear()
     if name == "gate_up":
         chunk = cfg[0] // 2
