@@ -225,6 +225,7 @@ class SpeculativeDecoder:
             draft.append_context(feats, positions)
         start = prompt_len
         cycles: list[CycleStat] = []
+        pending = None  # the last cycle's policy.update arguments, applied during the next
         mask_id = self.draft.mask_token_id if self.draft is not None else 0
 
         while not stopped and len(output) < max_new_tokens:
@@ -267,6 +268,12 @@ class SpeculativeDecoder:
                                    choose(t_logits, temperature, generator))
             if timer:
                 ev.append(timer.mark())
+            if pending is not None:
+                # The previous cycle's policy update runs here, while the GPU works on this
+                # cycle (the policy decides with one cycle of lag): its Python costs nothing
+                # then, and it is tens of microseconds against a sub-millisecond small-pair cycle.
+                policy.update(*pending)
+                pending = None
             # The one host read of the cycle: accepted count, proposals and next tokens.
             packed = torch.cat([accepted.reshape(1), proposals, nxt]).tolist()
             acc = packed[0]
@@ -288,7 +295,9 @@ class SpeculativeDecoder:
                 stat.draft_s = timer.elapsed(ev[0], ev[1]) if b > 1 else 0.0
                 stat.verify_s = timer.elapsed(ev[1], ev[2])
             cycles.append(stat)
-            policy.update(tau, cycle_s, b, len(cycles) - 1)
+            pending = (tau, cycle_s, b, len(cycles) - 1)
+        if pending is not None:
+            policy.update(*pending)
         _sync(self.device)
         total = time.perf_counter() - t0
         output = output[:max_new_tokens]

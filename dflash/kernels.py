@@ -66,6 +66,13 @@ MAX_M = 16
 
 if triton is not None:
     @triton.jit
+    def pdl_enter(PDL: tl.constexpr):
+        """Wait for the previous kernel's outputs, then let the next kernel launch (use_pdl)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
     def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PARTIAL: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
@@ -77,9 +84,7 @@ if triton is not None:
         k_start = pid_k * k_per_split
         x_rows = x_ptr + offs_m[:, None] * K
         w_rows = w_ptr + offs_n[:, None] * K
-        if PDL:
-            gdc_wait()  # x is written by the previous kernel (see use_pdl)
-            gdc_launch_dependents()
+        pdl_enter(PDL)  # x is written by the previous kernel
         m_ok = offs_m[:, None] < M
         n_ok = offs_n[:, None] < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -248,9 +253,7 @@ if triton is not None:
                              T, sm_scale, sq_h, sq_t, sk_h, sk_c,
                              G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                              CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)
         hk = tl.program_id(0)
         sp = tl.program_id(1)
         tile = tl.program_id(2)
@@ -293,9 +296,7 @@ if triton is not None:
     def _attn_combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, T, H,
                              G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                              SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)
         hk = tl.program_id(0)
         row = tl.program_id(1)
         sp = tl.arange(0, SPLITS_P2)

@@ -30,15 +30,13 @@ from .kernels import config_for, decode_attention, pdl_opts, triton, use_pdl
 if triton is not None:
     import triton.language as tl
 
-    from .kernels import _skinny_kernel, gdc_launch_dependents, gdc_wait
+    from .kernels import _skinny_kernel, pdl_enter
 
     @triton.jit
     def _residual_norm_kernel(part_ptr, res_ptr, gamma_ptr, h_ptr, xn_ptr, M, N, eps,
                               SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Per row: h = res + sum of SPLIT fp32 GEMM partials; xn = RMSNorm(h) * gamma."""
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         ok = offs < N
@@ -60,9 +58,7 @@ if triton is not None:
         t = tl.program_id(0)
         head = tl.program_id(1)  # q heads, then k heads, then v heads
         half = tl.arange(0, D // 2)
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)
         pos = tl.load(pos_ptr + t)
         src = qkv_ptr + t * sqkv + head * D
         x1 = tl.load(src + half).to(tl.float32)

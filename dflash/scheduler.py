@@ -367,6 +367,7 @@ class CostModelScheduler(_Bookkeeping):
         of the hardware, not of the prompt) so the next prompt skips the warm-up;
         ``keep_estimates`` keeps those, the acceptance model and the current size too."""
         self._recent: list[tuple[int, float]] = []  # the last two cycles: (block size, time)
+        self._last_warmup: int | None = None  # the size the last warm-up select() chose
         if keep_estimates and self.current is not None:
             self._cost_seen = {b: s - self.cycles for b, s in self._cost_seen.items()}
             self._challenger, self._streak = None, 0
@@ -511,13 +512,36 @@ class CostModelScheduler(_Bookkeeping):
 
     def scores(self) -> dict[int, float]:
         """Estimated tokens per second of each candidate (0 where its cost is unknown): the
-        largest size's median cycle time scaled by each size's relative cost."""
-        taus = self._cumulative_tau(self.acceptance_rates())
+        largest size's median cycle time scaled by each size's relative cost.
+
+        The same numbers as ``expected_tau`` per candidate, in one pass over the positions:
+        this runs after most cycles, and on a GPU with a small pair a cycle is ~0.3 ms."""
+        risk_end, acc_end, w = self._risk_end, self._acc_end, self._w
+        n = len(risk_end)
+        risk = [0.0] * n
+        acc = [0.0] * n
+        r_run = a_run = r_sum = a_sum = 0.0
+        for k in range(n - 1, 0, -1):  # suffix sums: cycles that reached / accepted position k
+            r_run += risk_end[k]
+            a_run += acc_end[k]
+            risk[k] = r_run
+            acc[k] = a_run
+            r_sum += r_run
+            a_sum += a_run
+        pooled = (a_sum + 0.5 * w) / (r_sum + w)
+        prior = self.prior_weight * w
+        prior_acc = prior * pooled
+        taus = [1.0] * (n + 1)  # taus[b] = uncapped E[tau(b)]
+        expected = survive = 1.0
+        for k in range(1, n):
+            survive *= (acc[k] + prior_acc) / (risk[k] + prior)
+            expected += survive
+            taus[k + 1] = expected
         top = self.cost(self.max_block_size) or 1.0
         out = {}
         for b in self.candidates:
             r = self.relative_cost(b)
-            out[b] = 0.0 if r is None else self._capped(b, taus[b - 1]) / max(r * top, 1e-12)
+            out[b] = 0.0 if r is None else self._capped(b, taus[b]) / max(r * top, 1e-12)
         return out
 
     def best(self, scores: dict[int, float] | None = None) -> int:
@@ -534,11 +558,14 @@ class CostModelScheduler(_Bookkeeping):
             top = self.max_block_size
             others = [b for b in self.candidates[::-1][1:]
                       if len(self._log_ratios[b]) < self.cost_warmup]
-            if not self._recent or self._recent[-1][0] != top or not others:
+            # (the last size chosen, not the last one reported: a decoder may report a cycle
+            # only after the next one has been chosen)
+            if self._last_warmup != top or not others:
                 b = top
             else:
                 b = others[self._rr % len(others)]
                 self._rr += 1
+            self._last_warmup = b
             self.trace.append((b, "warmup"))
             return b
         if self.current is None:
