@@ -331,7 +331,9 @@ class CostModelScheduler(_Bookkeeping):
     at another size, after each of a generation's first ``EAGER_DECISIONS`` cycles (its
     acceptance estimate starts afresh) and every ``decide_interval`` cycles; the other
     updates only count (a few microseconds of Python per cycle matter when a cycle is a
-    fraction of a millisecond, as on a GPU with a small pair).
+    fraction of a millisecond, as on a GPU with a small pair). The decoding loop reports a
+    cycle only after it has asked for the next size (one cycle of lag, so the update overlaps
+    GPU work): the warm-up alternation follows the sizes chosen, not the cycles reported.
     """
 
     name = "costmodel"

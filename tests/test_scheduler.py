@@ -459,3 +459,21 @@ def test_costmodel_pairs_neighbouring_cycles_against_a_drifting_machine():
     assert [b for b, _ in s.trace] == [16, 8, 16, 8, 16]
     assert abs(s.relative_cost(8) - 0.8) < 0.01
     assert s.summary()["relative_cost"] == {"8": s.relative_cost(8), "16": 1.0}
+
+
+def test_costmodel_warmup_alternates_when_updates_arrive_one_cycle_late():
+    """The decoding loop reports a cycle after choosing the next one; the warm-up still puts
+    the largest size between the others, so every small-size cycle forms a pair."""
+    s = CostModelScheduler(candidates=[8, 12, 16], cost_warmup=2, probe_interval=0,
+                           cost_refresh_interval=0)
+    pending = None
+    chosen = []
+    while s.warming_up and len(chosen) < 40:
+        b = s.select(len(chosen))
+        chosen.append(b)
+        if pending is not None:
+            s.update(*pending)
+        pending = (2, {8: 0.008, 12: 0.009, 16: 0.010}[b], b, len(chosen) - 1)
+    assert chosen[:8] == [16, 12, 16, 8, 16, 12, 16, 8]
+    assert not s.warming_up
+    assert abs(s.relative_cost(8) - 0.8) < 1e-9 and abs(s.relative_cost(12) - 0.9) < 1e-9

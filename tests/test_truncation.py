@@ -134,3 +134,38 @@ def test_bad_draft_block_size_is_refused(pair):
     with pytest.raises(UserError, match="draft block size"):
         SpeculativeDecoder(target, draft).generate(torch.tensor([[1, 2]]), 4, block_size=4,
                                                    draft_block_size=1)
+
+
+class Recording(Cycling):
+    """Logs the order of the protocol calls the decoding loop makes."""
+
+    def __init__(self, sizes):
+        super().__init__(sizes)
+        self.calls = []
+
+    def select(self, i):
+        self.calls.append(("select", i))
+        return super().select(i)
+
+    def update(self, tau, cycle_s, block_size, cycle_idx):
+        self.calls.append(("update", cycle_idx, tau, block_size))
+
+
+def test_policy_update_is_deferred_by_one_cycle_and_complete(pair):
+    """generate() reports cycle i to the policy during cycle i + 1 (so the policy's Python
+    overlaps that cycle's GPU work): select(i + 1) comes before update(i), every cycle is
+    reported once, in order, with its own block size and tau, the last one after the loop."""
+    target, draft = pair
+    policy = Recording([4, 16, 8])
+    res = SpeculativeDecoder(target, draft).generate(prompts(target.config.vocab_size, n=1)[0],
+                                                     MAX_NEW, policy=policy, draft_block_size=16)
+    n = len(res.cycles)
+    assert n >= 3
+    updates = [c for c in policy.calls if c[0] == "update"]
+    assert updates == [("update", i, c.tau, c.block_size) for i, c in enumerate(res.cycles)]
+    expected = [("select", 0)]
+    for i in range(1, n):
+        expected += [("select", i), ("update", i - 1, res.cycles[i - 1].tau,
+                                     res.cycles[i - 1].block_size)]
+    expected.append(("update", n - 1, res.cycles[-1].tau, res.cycles[-1].block_size))
+    assert policy.calls == expected
