@@ -269,9 +269,9 @@ class SpeculativeDecoder:
             if timer:
                 ev.append(timer.mark())
             if pending is not None:
-                # The previous cycle's policy update runs here, while the GPU works on this
-                # cycle (the policy decides with one cycle of lag): its Python costs nothing
-                # then, and it is tens of microseconds against a sub-millisecond small-pair cycle.
+                # Report the previous cycle now, while the GPU works on this one: the policy's
+                # Python (tens of microseconds) overlaps GPU work instead of lengthening a
+                # sub-millisecond cycle. So the policy decides with one cycle of lag.
                 policy.update(*pending)
                 pending = None
             # The one host read of the cycle: accepted count, proposals and next tokens.
