@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from .cpu_engine import CpuDraftEngine
+from .cycle_graph import GreedyCycle, fused_cycle_enabled
 from .draft import DFlashDraftModel
 from .engine import DraftEngine, HFTargetEngine, StaticTargetEngine, decoder_parts
 from .errors import UserError
@@ -175,6 +176,15 @@ class SpeculativeDecoder:
                                                      **(opts if self.engine_name != "hf" else {}))
         return self._target_engine, self._draft_engine
 
+    def _greedy_cycle(self, target, draft, mask_id: int) -> GreedyCycle:
+        """The fused greedy cycle of the current engines (rebuilt with them)."""
+        if getattr(self, "_cycles_of", None) is not target:  # engines rebuilt: drop old graphs
+            self._cycles, self._cycles_of = {}, target
+        with_draft = draft is not None
+        if with_draft not in self._cycles:
+            self._cycles[with_draft] = GreedyCycle(target, draft, mask_id, self.device)
+        return self._cycles[with_draft]
+
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  stop_token_ids=None, block_size: int | None = None,
@@ -227,8 +237,33 @@ class SpeculativeDecoder:
         cycles: list[CycleStat] = []
         pending = None  # the last cycle's policy.update arguments, applied during the next
         mask_id = self.draft.mask_token_id if self.draft is not None else 0
+        # Graph mode, greedy: the whole cycle is one graph replay (dflash/cycle_graph.py).
+        fused = self.graphs and greedy and timer is None and fused_cycle_enabled()
+        if fused and not stopped:
+            cycle = self._greedy_cycle(target, draft, mask_id)
+            cycle.begin(last, start)
 
-        while not stopped and len(output) < max_new_tokens:
+        while fused and not stopped and len(output) < max_new_tokens:
+            c0 = time.perf_counter()
+            b = int(policy.select(len(cycles)))
+            if b < 1:
+                raise UserError(f"block-size policy chose {b}; block sizes must be >= 1")
+            if b > 1 and draft is None:
+                raise UserError("block size > 1 needs a draft model")
+            packed_dev = cycle.run(b, max(b, draft_block_size or b) if b > 1 else 1)
+            if pending is not None:  # as below: the policy's Python overlaps the GPU's work
+                policy.update(*pending)
+                pending = None
+            packed = packed_dev.tolist()  # the one host read of the cycle
+            acc = packed[0]
+            tau = acc + 1
+            start += tau
+            stopped = emit(output, packed[1:1 + acc] + [packed[b + acc]], stops, max_new_tokens)
+            cycle_s = time.perf_counter() - c0
+            cycles.append(CycleStat(block_size=b, tau=tau, cycle_s=cycle_s))
+            pending = (tau, cycle_s, b, len(cycles) - 1)
+
+        while not fused and not stopped and len(output) < max_new_tokens:
             c0 = time.perf_counter()
             b = int(policy.select(len(cycles)))
             if b < 1:

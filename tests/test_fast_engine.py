@@ -7,6 +7,7 @@ where fused and unfused GEMMs agree far below any logit gap).
 import pytest
 import torch
 
+from conftest import EMBEDDED
 from dflash.decoding import SpeculativeDecoder
 from dflash.toy import make_random_draft, make_random_target
 
@@ -71,3 +72,56 @@ def test_gemm_table_is_chosen_by_gpu_name():
     for name in ("NVIDIA H100", "NVIDIA H200"):
         table = load_table(table_path(name))
         assert (19456, 2560) in table and table[(151936, 2560)] is None  # LM head stays cuBLAS
+
+
+class _Cycling:
+    """A policy that changes the block size every cycle (so one generation uses every graph)."""
+
+    def __init__(self, sizes):
+        self.sizes, self.max_block_size = sizes, max(sizes)
+
+    def select(self, cycle_idx):
+        return self.sizes[cycle_idx % len(self.sizes)]
+
+    def update(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("pair", ["random", "embedded"])
+def test_fused_cycle_matches_unfused_graph_path(monkeypatch, pair):
+    """The whole-cycle graph (dflash/cycle_graph.py) against the step-by-step graph-mode loop:
+    same tokens, same accepted counts per cycle, for fixed sizes, the AR baseline, a policy
+    switching size every cycle, truncation mode and a stop token. The embedded pair accepts
+    long runs (a random draft accepts almost nothing)."""
+    g = torch.Generator().manual_seed(7)
+    if pair == "random":
+        target = make_random_target(vocab_size=96, hidden_size=64, num_layers=3,
+                                    dtype=torch.float64)
+        draft = make_random_draft(target, block_size=16, dtype=torch.float64)
+        prompts = [torch.randint(1, 95, (1, 5 + 4 * i), generator=g) for i in range(3)]
+    else:
+        if not EMBEDDED:
+            pytest.skip("needs the embedded pair (models/tiny-target, models/tiny-draft)")
+        from dflash.bench import load_pair
+
+        loaded = load_pair("embedded", "embedded", torch.device("cpu"), "float32")
+        target, draft = loaded.target, loaded.draft
+        prompts = [torch.tensor([loaded.tokenizer.encode(text)]) for text in
+                   ("def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+                    "class Stack:\n    def __init__(self):\n        self.items = []\n")]
+    cases = [dict(block_size=1), dict(block_size=4), dict(block_size=16),
+             dict(policy=_Cycling([16, 3, 1, 8, 12])),
+             dict(policy=_Cycling([4, 8, 12]), draft_block_size=16)]
+
+    def run(fused: bool):
+        monkeypatch.setenv("DFLASH_FUSED_CYCLE", "1" if fused else "0")
+        dec = SpeculativeDecoder(target, draft, engine="fast", compile=False, _cpu_graph_mode=True)
+        out = []
+        for ids in prompts:
+            stop = int(ids[0, -1])
+            for kw in cases:
+                res = dec.generate(ids, 29, stop_token_ids=[stop], **kw)
+                out.append((res.output_ids, [(c.block_size, c.tau) for c in res.cycles]))
+        return out
+
+    assert run(True) == run(False)
