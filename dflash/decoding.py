@@ -26,7 +26,11 @@ ENGINES = ("auto", "fast", "static", "hf")
 
 
 class BlockPolicy(Protocol):
-    """Chooses the block size of each cycle and learns from what happened."""
+    """Chooses the block size of each cycle and learns from what happened.
+
+    Call order: ``select(i + 1)`` comes before ``update`` reports cycle ``i`` (the loop reports a
+    cycle while the GPU runs the next one). In graph mode the next size is asked for before
+    the loop knows whether the generation goes on, so the last ``select`` can go unused."""
 
     def select(self, cycle_idx: int) -> int: ...
 
@@ -91,6 +95,15 @@ def emit(output: list[int], new_tokens: list[int], stops: set[int], max_new_toke
         if len(output) >= max_new_tokens:
             break
     return False
+
+
+def _checked_size(b, draft) -> int:
+    b = int(b)
+    if b < 1:
+        raise UserError(f"block-size policy chose {b}; block sizes must be >= 1")
+    if b > 1 and draft is None:
+        raise UserError("block size > 1 needs a draft model")
+    return b
 
 
 def _sync(device: torch.device) -> None:
@@ -243,17 +256,21 @@ class SpeculativeDecoder:
             cycle = self._greedy_cycle(target, draft, mask_id)
             cycle.begin(last, start)
 
+        b_next = None
         while fused and not stopped and len(output) < max_new_tokens:
             c0 = time.perf_counter()
-            b = int(policy.select(len(cycles)))
-            if b < 1:
-                raise UserError(f"block-size policy chose {b}; block sizes must be >= 1")
-            if b > 1 and draft is None:
-                raise UserError("block size > 1 needs a draft model")
+            b = b_next if b_next is not None else _checked_size(policy.select(len(cycles)), draft)
             packed_dev = cycle.run(b, max(b, draft_block_size or b) if b > 1 else 1)
-            if pending is not None:  # as below: the policy's Python overlaps the GPU's work
+            # The policy's Python runs while the GPU works on this cycle: the report of the
+            # previous cycle (as below), then the choice for the next one. The choice sees
+            # exactly what it would see after this cycle's read (this cycle is reported only
+            # during the next), but is made before anyone knows whether the generation goes
+            # on: at an end (stop token, length) it can go unused.
+            if pending is not None:
                 policy.update(*pending)
                 pending = None
+            b_next = (_checked_size(policy.select(len(cycles) + 1), draft)
+                      if len(output) + 1 < max_new_tokens else None)
             packed = packed_dev.tolist()  # the one host read of the cycle
             acc = packed[0]
             tau = acc + 1
@@ -265,11 +282,7 @@ class SpeculativeDecoder:
 
         while not fused and not stopped and len(output) < max_new_tokens:
             c0 = time.perf_counter()
-            b = int(policy.select(len(cycles)))
-            if b < 1:
-                raise UserError(f"block-size policy chose {b}; block sizes must be >= 1")
-            if b > 1 and draft is None:
-                raise UserError("block size > 1 needs a draft model")
+            b = _checked_size(policy.select(len(cycles)), draft)
             pos = torch.arange(start, start + b, device=self.device)
             kv = start + b if eager else None
             ev = [timer.mark()] if timer else None
