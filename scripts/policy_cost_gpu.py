@@ -4,9 +4,11 @@ Runs one prompt set through ``SpeculativeDecoder.generate`` at block size 16 wit
 all pick 16 but cost different host time: the trivial FixedPolicy, FixedPolicy with a busy wait
 of X us in ``update`` (which the loop runs while the GPU works on the next cycle) or in
 ``select`` (which runs before anything is launched), and the real schedulers (cost model,
-EWMA; timed through a proxy, so the report shows their own Python per cycle on this host).
-Modes rotate per prompt and repeat; the report is the median cycle time per mode and its
-excess over FixedPolicy. If a busy ``update`` costs nothing while a busy ``select`` costs its
+EWMA; timed through a proxy, so the report shows their own Python per cycle on this host),
+plus each smaller fixed size and a policy that switches size every cycle. Modes rotate per
+prompt and repeat; the report is the median cycle time per mode, its excess over
+FixedPolicy(16), and each mode's pooled cycle time against what the fixed sizes cost at the
+same usage ("vs fixed mix": above 1 is what the mode adds beyond its sizes). If a busy ``update`` costs nothing while a busy ``select`` costs its
 full time, the deferred update is hidden and only ``select`` is on the critical path.
 
     python scripts/policy_cost_gpu.py --dataset builtin-chat --samples 16 --repeats 3
@@ -48,6 +50,17 @@ class Busy(FixedPolicy):
         spin(self.update_us)
 
 
+class Cycling(FixedPolicy):
+    """Switches size every cycle: what a switch itself costs (different graphs back to back)."""
+
+    def __init__(self, sizes):
+        super().__init__(max(sizes))
+        self.sizes, self.max_block_size = list(sizes), max(sizes)
+
+    def select(self, cycle_idx):
+        return self.sizes[cycle_idx % len(self.sizes)]
+
+
 class Timed:
     """Wraps a policy; adds up the host time of its select and update calls."""
 
@@ -84,6 +97,9 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--candidates", default="8,12,16")
     ap.add_argument("--busy-us", default="20,60")
+    ap.add_argument("--draft-block-size", type=int, default=16,
+                    help="draft this many tokens whatever the block size (truncation mode, as "
+                         "benchmark_dynamic_schedule.py); 0 = native")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,24 +113,30 @@ def main():
     cands = [int(c) for c in args.candidates.split(",")]
     busy = [float(x) for x in args.busy_us.split(",") if x]
     modes = {"fixed16": lambda: FixedPolicy(16)}
+    for b in cands[:-1]:
+        modes[f"fixed{b}"] = lambda b=b: FixedPolicy(b)
+    modes["cycling"] = lambda: Cycling(cands)  # a different size every cycle
     for us in busy:
         modes[f"update+{us:g}us"] = lambda us=us: Busy(16, update_us=us)
         modes[f"select+{us:g}us"] = lambda us=us: Busy(16, select_us=us)
     sched = {"costmodel": Timed(make_scheduler("costmodel", cands)),
              "ewma": Timed(make_scheduler("ewma", cands))}
     # warm-up: graphs for every size, and the cost model's cost estimates
+    trunc = args.draft_block_size or None
     for b in cands:
-        dec.generate(ids_list[0], 32, block_size=b, max_block_size=16)
+        dec.generate(ids_list[0], 32, block_size=b, max_block_size=16, draft_block_size=trunc)
     for name, pol in sched.items():
         for x in ids_list[:4]:
             pol.reset()
-            dec.generate(x, args.max_new_tokens, stop_token_ids=stops, policy=pol)
+            dec.generate(x, args.max_new_tokens, stop_token_ids=stops, policy=pol,
+                         draft_block_size=trunc)
         pol.select_s = pol.update_s = 0.0
         pol.calls = 0
         modes[name] = lambda pol=pol: pol
     names = list(modes)
     per_mode = {n: [] for n in names}  # per prompt: list over repeats of us per cycle
     usage = {n: {} for n in names}
+    totals = {n: [0.0, 0] for n in names}  # pooled decode seconds, cycles
     for i, x in enumerate(ids_list):
         rows = {n: [] for n in names}
         for r in range(args.repeats):
@@ -124,8 +146,11 @@ def main():
                 if hasattr(pol, "reset"):
                     pol.reset()
                 with bench.no_gc_pauses():
-                    res = dec.generate(x, args.max_new_tokens, stop_token_ids=stops, policy=pol)
+                    res = dec.generate(x, args.max_new_tokens, stop_token_ids=stops, policy=pol,
+                                       draft_block_size=trunc)
                 rows[n].append(1e6 * res.decode_s / max(1, len(res.cycles)))
+                totals[n][0] += res.decode_s
+                totals[n][1] += len(res.cycles)
                 for c in res.cycles:
                     usage[n][c.block_size] = usage[n].get(c.block_size, 0) + 1
         for n in names:
@@ -134,11 +159,17 @@ def main():
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dataset": args.dataset, "samples": len(ids_list), "repeats": args.repeats,
               "modes": {}}
-    print(f"{'mode':<16} {'median us/cycle':>16} {'median excess vs fixed16 (us)':>30}  usage")
+    # pooled cycle cost of each fixed size, and what a mixed mode would cost at its usage
+    fixed_cost = {b: 1e6 * totals[f"fixed{b}"][0] / max(1, totals[f"fixed{b}"][1]) for b in cands}
+    print(f"{'mode':<16} {'median us/cycle':>16} {'median excess vs fixed16 (us)':>30} "
+          f"{'pooled us/cycle':>16} {'vs fixed mix':>12}  usage")
     for n in names:
         excess = statistics.median(a - b for a, b in zip(per_mode[n], base))
+        pooled = 1e6 * totals[n][0] / max(1, totals[n][1])
+        mix = (sum(fixed_cost[b] * k for b, k in usage[n].items()) / sum(usage[n].values())
+               if all(b in fixed_cost for b in usage[n]) else float("nan"))
         row = {"median_us_per_cycle": statistics.median(per_mode[n]), "median_excess_us": excess,
-               "usage": usage[n]}
+               "pooled_us_per_cycle": pooled, "fixed_mix_us_per_cycle": mix, "usage": usage[n]}
         if n in sched:
             pol = sched[n]
             row["select_us_per_call"] = 1e6 * pol.select_s / max(1, pol.calls)
@@ -146,7 +177,8 @@ def main():
         report["modes"][n] = row
         extra = (f"  select {row['select_us_per_call']:.1f} us, update {row['update_us_per_call']:.1f} us"
                  if n in sched else "")
-        print(f"{n:<16} {row['median_us_per_cycle']:16.1f} {excess:30.1f}  {usage[n]}{extra}")
+        print(f"{n:<16} {row['median_us_per_cycle']:16.1f} {excess:30.1f} {pooled:16.1f} "
+              f"{pooled / mix:12.3f}  {usage[n]}{extra}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

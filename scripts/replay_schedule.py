@@ -71,14 +71,19 @@ def generate(policy, rec, costs, rng, noise, drift=0.0) -> tuple[float, int]:
     as a shared CPU or a GPU host does, which pairs of neighbouring cycles cancel."""
     done, elapsed, s, i = 1, 0.0, 0, 0
     level, slow = rng.gauss(0.0, drift), 0.0
+    pending = None
     while done < rec["tokens"]:
         b = policy.select(i)
+        if pending is not None:  # as in the decoding loop: cycle i-1 is reported after select(i)
+            policy.update(*pending)
         tau = min(rec["runs"][s] + 1, b)
         slow = 0.95 * slow + rng.gauss(0.0, drift * 0.31)  # stationary sd ~ drift
         c = costs[b] * math.exp(level + slow) * max(0.5, 1.0 + noise * rng.gauss(0.0, 1.0))
-        policy.update(tau, c, b, i)
+        pending = (tau, c, b, i)
         elapsed += c
         done, s, i = done + tau, s + tau, i + 1
+    if pending is not None:
+        policy.update(*pending)
     return elapsed, min(done, rec["tokens"]) - 1
 
 
