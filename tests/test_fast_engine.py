@@ -87,7 +87,7 @@ class _Cycling:
         pass
 
 
-@pytest.mark.parametrize("pair", ["random", "embedded"])
+@pytest.mark.parametrize("pair", ["random", "embedded", "embedded-cuda"])
 def test_fused_cycle_matches_unfused_graph_path(monkeypatch, pair):
     """The whole-cycle graph (dflash/cycle_graph.py) against the step-by-step graph-mode loop:
     same tokens, same accepted counts per cycle, for fixed sizes, the AR baseline, a policy
@@ -102,9 +102,13 @@ def test_fused_cycle_matches_unfused_graph_path(monkeypatch, pair):
     else:
         if not EMBEDDED:
             pytest.skip("needs the embedded pair (models/tiny-target, models/tiny-draft)")
+        cuda = pair.endswith("cuda")
+        if cuda and not torch.cuda.is_available():
+            pytest.skip("needs CUDA (real graphs, bf16, Triton kernels)")
         from dflash.bench import load_pair
 
-        loaded = load_pair("embedded", "embedded", torch.device("cpu"), "float32")
+        loaded = load_pair("embedded", "embedded", torch.device("cuda" if cuda else "cpu"),
+                           "bfloat16" if cuda else "float32")
         target, draft = loaded.target, loaded.draft
         prompts = [torch.tensor([loaded.tokenizer.encode(text)]) for text in
                    ("def fibonacci(n):\n    if n < 2:\n        return n\n    return",
@@ -118,6 +122,7 @@ def test_fused_cycle_matches_unfused_graph_path(monkeypatch, pair):
         dec = SpeculativeDecoder(target, draft, engine="fast", compile=False, _cpu_graph_mode=True)
         out = []
         for ids in prompts:
+            ids = ids.to(target.device)
             stop = int(ids[0, -1])
             for kw in cases:
                 res = dec.generate(ids, 29, stop_token_ids=[stop], **kw)
