@@ -26,12 +26,13 @@ if [[ $what == all || $what == bench ]]; then
   done
 fi
 if [[ $what == all || $what == dynamic ]]; then
-  # docs/DYNAMIC.md's H100 command (session 5); per-sample JSONL goes to $JSONL_DIR so that
+  # docs/DYNAMIC.md's H100 command (sessions 5-6; SAMPLES=24 for the larger runs); per-sample
+  # JSONL goes to $JSONL_DIR so that
   # $OUT stays within what a device call brings back (log + summary per set)
   JSONL_DIR=${JSONL_DIR:-/tmp/dflash_gpu}; mkdir -p "$JSONL_DIR"
   for policy in ${POLICIES:-costmodel}; do
     for ds in builtin-math builtin-code builtin-chat; do
-      run "dynamic_${ds}_$policy" 140 $PY benchmark_dynamic_schedule.py --dataset $ds --max-samples 16 "${pair[@]}" \
+      run "dynamic_${ds}_$policy" 200 $PY benchmark_dynamic_schedule.py --dataset $ds --max-samples ${SAMPLES:-16} "${pair[@]}" \
         --max-new-tokens 128 --candidate-block-sizes 8,12,16 --policy $policy --compare-static --repeats 3 \
         --output-json "$OUT/dynamic_${ds}_$policy.json" --save-outputs-path "$JSONL_DIR/dynamic_${ds}_$policy.jsonl"
     done
