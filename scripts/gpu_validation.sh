@@ -27,8 +27,7 @@ if [[ $what == all || $what == bench ]]; then
 fi
 if [[ $what == all || $what == dynamic ]]; then
   # docs/DYNAMIC.md's H100 command (sessions 5-6; SAMPLES=24 for the larger runs); per-sample
-  # JSONL goes to $JSONL_DIR so that
-  # $OUT stays within what a device call brings back (log + summary per set)
+  # JSONL goes to $JSONL_DIR so that $OUT stays within what a device call brings back
   JSONL_DIR=${JSONL_DIR:-/tmp/dflash_gpu}; mkdir -p "$JSONL_DIR"
   for policy in ${POLICIES:-costmodel}; do
     for ds in builtin-math builtin-code builtin-chat; do
