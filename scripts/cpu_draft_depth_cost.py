@@ -1,0 +1,71 @@
+"""CPU cost of a b=16 draft forward by number of draft layers, in AR steps of the embedded target.
+
+Random drafts of 1-4 layers at the embedded target's width (float32, 1 torch thread, the CPU
+draft engine), context 200; also the target's 16- and 8-token verify. Thread CPU time,
+medians. A cycle's cost decides the tau a draft needs for a given speedup on this CPU
+(speedup ~= tau / (verify + draft + ~0.13 steps of append and acceptance)).
+
+    .venv/bin/python scripts/cpu_draft_depth_cost.py
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dflash import bench  # noqa: E402
+from dflash.cpu_engine import CpuDraftEngine  # noqa: E402
+from dflash.draft import DFlashDraftModel  # noqa: E402
+from dflash.engine import StaticTargetEngine, decoder_parts  # noqa: E402
+from dflash.train import init_draft_weights, make_draft_config  # noqa: E402
+
+
+def median_ms(fn, n: int = 60) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(n):
+        t = time.thread_time()
+        fn()
+        times.append(time.thread_time() - t)
+    return 1000 * statistics.median(times)
+
+
+@torch.inference_mode()
+def main() -> int:
+    pair = bench.load_pair("embedded", "embedded", torch.device("cpu"), "float32")
+    torch.set_num_threads(1)
+    target = pair.target
+    embed, _, _, lm_head, _ = decoder_parts(target)
+    layers = pair.draft.target_layer_ids
+    engine = StaticTargetEngine(target, layers, 1024)
+    ctx = 200
+    ids = torch.randint(3, target.config.vocab_size - 1, (1, ctx))
+    _, feats = engine.forward(ids, torch.arange(ctx), kv_len=ctx)
+    ar = median_ms(lambda: engine.forward(ids[:, -1:], torch.tensor([ctx]), kv_len=ctx + 1))
+    verify = {t: median_ms(lambda t=t: engine.forward(ids[:, -t:], torch.arange(ctx, ctx + t),
+                                                      kv_len=ctx + t)) for t in (16, 8)}
+    print(f"AR step {ar:.2f} ms; verify 16 tokens {verify[16] / ar:.2f} steps, "
+          f"8 tokens {verify[8] / ar:.2f} steps")
+    block = torch.full((1, 16), pair.draft.mask_token_id)
+    block[0, 0] = int(ids[0, -1])
+    pos = torch.arange(ctx, ctx + 16)
+    for n_layers in (1, 2, 3, 4):
+        cfg = make_draft_config(target, num_layers=n_layers, block_size=16,
+                                mask_token_id=pair.draft.mask_token_id, target_layer_ids=layers)
+        draft = DFlashDraftModel(cfg)
+        init_draft_weights(draft, seed=0)
+        eng = CpuDraftEngine(draft.float().eval(), embed, lm_head, 1024)
+        eng.append_context(feats, torch.arange(ctx))
+        ms = median_ms(lambda: eng.propose_logits(block, pos, kv_len=ctx + 16))
+        cycle = verify[16] / ar + ms / ar + 0.13
+        print(f"draft {n_layers} layer(s): {ms:.2f} ms = {ms / ar:.2f} steps; cycle ~{cycle:.2f} "
+              f"steps, so 1.5x needs tau >= {1.5 * cycle:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
