@@ -161,6 +161,8 @@ class SpeculativeDecoder:
             self.feature_layers = [0]
         self._target_engine = None
         self._draft_engine = None
+        self._cycles: dict[bool, GreedyCycle] = {}  # whole-cycle graphs, with/without a draft
+        self._cycles_of = None  # ... of this target engine
 
     def reserve(self, tokens: int) -> None:
         """Allocate caches (and later graphs) for sequences up to ``tokens`` long, up front."""
@@ -191,7 +193,7 @@ class SpeculativeDecoder:
 
     def _greedy_cycle(self, target, draft, mask_id: int) -> GreedyCycle:
         """The fused greedy cycle of the current engines (rebuilt with them)."""
-        if getattr(self, "_cycles_of", None) is not target:  # engines rebuilt: drop old graphs
+        if self._cycles_of is not target:  # engines rebuilt: drop the old graphs
             self._cycles, self._cycles_of = {}, target
         with_draft = draft is not None
         if with_draft not in self._cycles:
