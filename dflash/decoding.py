@@ -275,8 +275,7 @@ class SpeculativeDecoder:
                       if len(output) + 1 < max_new_tokens else None)
             packed = packed_dev.tolist()  # the one host read of the cycle
             acc = packed[0]
-            tau = acc + 1
-            start += tau
+            tau = acc + 1  # the graph itself advanced the anchor token and position
             stopped = emit(output, packed[1:1 + acc] + [packed[b + acc]], stops, max_new_tokens)
             cycle_s = time.perf_counter() - c0
             cycles.append(CycleStat(block_size=b, tau=tau, cycle_s=cycle_s))
