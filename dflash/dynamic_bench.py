@@ -61,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cycles per candidate at the start, round-robin (default 2)")
     g.add_argument("--ewma-alpha", type=float, default=None, help="EWMA weight in (0, 1] (default 0.10)")
     g.add_argument("--switch-margin", type=float, default=None,
-                   help="relative score gain needed to switch (default 0.05; costmodel 0.02)")
+                   help="relative score gain needed to switch (default 0.05; costmodel 0.01)")
     g.add_argument("--required-streak", type=int, default=None,
                    help="consecutive wins before a switch (default 2; costmodel 1)")
     g.add_argument("--cooldown-cycles", type=int, default=None,
                    help="cycles after a switch without switching (default 2)")
     g.add_argument("--probe-interval", type=int, default=None,
-                   help="a one-cycle probe every N cycles, 0 = never (default 12; costmodel 16)")
+                   help="a one-cycle probe every N cycles, 0 = never (default 12; costmodel 32)")
     g.add_argument("--low-accept-threshold", type=float, default=None,
                    help="tau / block size below this counts as low acceptance (default 0.35)")
     g.add_argument("--low-accept-streak", type=int, default=None,

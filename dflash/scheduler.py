@@ -340,7 +340,7 @@ class CostModelScheduler(_Bookkeeping):
 
     def __init__(self, candidates: Sequence[int] | str = DEFAULT_CANDIDATES, cost_warmup: int = 2,
                  cost_window: int = 9, accept_decay: float = 0.90, prior_weight: float = 2.0,
-                 switch_margin: float = 0.02, required_streak: int = 1, probe_interval: int = 16,
+                 switch_margin: float = 0.01, required_streak: int = 1, probe_interval: int = 32,
                  cost_refresh_interval: int = 64, probe_band: float = 0.15,
                  decide_interval: int = 4):
         self.candidates = parse_candidates(candidates)

@@ -5,8 +5,13 @@ draft engine), context 200; also the target's 16- and 8-token verify. Thread CPU
 medians. A cycle's cost decides the tau a draft needs for a given speedup on this CPU
 (speedup ~= tau / (verify + draft + ~0.13 steps of append and acceptance)).
 
-    .venv/bin/python scripts/cpu_draft_depth_cost.py
+    .venv/bin/python scripts/cpu_draft_depth_cost.py [--threads 2]
+
+With ``--threads N`` > 1 the timings are wall-clock (thread CPU time would miss the other
+threads' work), so they need a quiet machine.
 """
+import argparse
+import functools
 import statistics
 import sys
 import time
@@ -23,21 +28,27 @@ from dflash.engine import StaticTargetEngine, decoder_parts  # noqa: E402
 from dflash.train import init_draft_weights, make_draft_config  # noqa: E402
 
 
-def median_ms(fn, n: int = 60) -> float:
+def median_ms(fn, n: int = 60, clock=time.thread_time) -> float:
     for _ in range(5):
         fn()
     times = []
     for _ in range(n):
-        t = time.thread_time()
+        t = clock()
         fn()
-        times.append(time.thread_time() - t)
+        times.append(clock() - t)
     return 1000 * statistics.median(times)
 
 
 @torch.inference_mode()
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = ap.parse_args(argv)
     pair = bench.load_pair("embedded", "embedded", torch.device("cpu"), "float32")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    global median_ms
+    median_ms = functools.partial(median_ms, clock=clock)
     target = pair.target
     embed, _, _, lm_head, _ = decoder_parts(target)
     layers = pair.draft.target_layer_ids

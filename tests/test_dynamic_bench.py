@@ -99,7 +99,7 @@ def test_costmodel_policy_and_resume(pair, tmp_path, capsys):
     assert n_lines == 3
     summary = json.loads(jsonl.with_suffix(".summary.json").read_text())
     assert summary["config"]["policy"] == "costmodel"
-    assert summary["config"]["scheduler"]["switch_margin"] == 0.02  # the policy's own default
+    assert summary["config"]["scheduler"]["switch_margin"] == 0.01  # the policy's own default
     assert summary["config"]["truncate_to"] is not None and not summary["config"]["keep_estimates"]
     # resuming a finished run adds nothing and reports the same samples
     assert dynamic_bench.main(argv + ["--resume"]) == 0
