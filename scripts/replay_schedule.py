@@ -65,10 +65,13 @@ def record_runs(datasets, samples, max_new, draft_block) -> dict:
     return out
 
 
-def generate(policy, rec, costs, rng, noise, drift=0.0) -> tuple[float, int]:
-    """One prompt: (decode seconds, tokens after the first). ``drift``: the machine's speed
-    also wanders (sd ``drift`` in log space: a level per prompt times a slow AR(1) process),
-    as a shared CPU or a GPU host does, which pairs of neighbouring cycles cancel."""
+def generate(policy, rec, costs, rng, noise, drift=0.0, switch_cost=0.0, prev=None):
+    """One prompt: (decode seconds, tokens after the first, the last block size). ``drift``:
+    the machine's speed also wanders (sd ``drift`` in log space: a level per prompt times a
+    slow AR(1) process), as a shared CPU or a GPU host does, which pairs of neighbouring
+    cycles cancel. ``switch_cost`` (seconds) is added to a cycle whose size differs from the
+    previous cycle's, ``prev`` being the previous prompt's last size (on the H100 a cycle right
+    after a change costs ~10-20 us more: another CUDA graph, cold instruction caches)."""
     done, elapsed, s, i = 1, 0.0, 0, 0
     level, slow = rng.gauss(0.0, drift), 0.0
     pending = None
@@ -79,22 +82,25 @@ def generate(policy, rec, costs, rng, noise, drift=0.0) -> tuple[float, int]:
         tau = min(rec["runs"][s] + 1, b)
         slow = 0.95 * slow + rng.gauss(0.0, drift * 0.31)  # stationary sd ~ drift
         c = costs[b] * math.exp(level + slow) * max(0.5, 1.0 + noise * rng.gauss(0.0, 1.0))
+        if prev is not None and b != prev:
+            c += switch_cost
+        prev = b
         pending = (tau, c, b, i)
         elapsed += c
         done, s, i = done + tau, s + tau, i + 1
     if pending is not None:
         policy.update(*pending)
-    return elapsed, min(done, rec["tokens"]) - 1
+    return elapsed, min(done, rec["tokens"]) - 1, prev
 
 
-def tpot(make, records, costs, seed, noise, keep, drift=0.0) -> float:
-    rng, policy, t, n = random.Random(seed), make(), 0.0, 0
+def tpot(make, records, costs, seed, noise, keep, drift=0.0, switch_cost=0.0) -> float:
+    rng, policy, t, n, prev = random.Random(seed), make(), 0.0, 0, None
     for rec in records:
         if isinstance(policy, CostModelScheduler):
             policy.reset(keep_costs=True, keep_estimates=keep)
         elif isinstance(policy, EWMAScheduler):
             policy.reset(keep_estimates=keep)
-        dt, dn = generate(policy, rec, costs, rng, noise, drift)
+        dt, dn, prev = generate(policy, rec, costs, rng, noise, drift, switch_cost, prev)
         t, n = t + dt, n + dn
     return t / max(1, n)
 
@@ -111,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--drift", type=float, default=0.0,
                     help="slow drift of the machine's speed (sd in log space), see generate()")
+    ap.add_argument("--switch-cost", type=float, default=0.0,
+                    help="extra cost of a cycle whose size differs from the previous one, ms")
     ap.add_argument("--runs-json", default=None,
                     help="reuse (or write, if missing) the recorded runs here")
     args = ap.parse_args(argv)
@@ -127,17 +135,18 @@ def main(argv=None) -> int:
     makers = {"ewma": lambda: EWMAScheduler(cands), "costmodel": lambda: CostModelScheduler(cands)}
     seeds = range(args.seeds)
     print(f"TPOT ms (mean of {args.seeds} seeds, cost noise {args.noise:.0%}, drift "
-          f"{args.drift:.0%}); "
+          f"{args.drift:.0%}, switch cost {args.switch_cost * 1000:.0f} us); "
           "ratio = best fixed / dynamic (> 1: dynamic faster)")
     for ds, records in data.items():
+        sw = args.switch_cost / 1000
         fixed = {b: sum(tpot(lambda b=b: FixedPolicy(b), records, costs, s, args.noise, False,
-                             args.drift)
+                             args.drift, sw)
                         for s in seeds) / len(seeds) for b in cands}
         best = min(fixed.values())
         cells = [f"fixed {b}: {1000 * v:.2f}" for b, v in fixed.items()]
         for keep in (False, True):
             for name, make in makers.items():
-                d = sum(tpot(make, records, costs, s, args.noise, keep, args.drift)
+                d = sum(tpot(make, records, costs, s, args.noise, keep, args.drift, sw)
                         for s in seeds) / len(seeds)
                 cells.append(f"{name}{' keep' if keep else ''}: {best / d:.3f}x")
         print(f"{ds}: " + " | ".join(cells))
