@@ -288,19 +288,26 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         base = (hk * SPLITS + sp) * G * T + rows  # partials: [Hkv, SPLITS, G*T]
-        tl.store(po_ptr + base[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
-        tl.store(pm_ptr + base, m_i, mask=row_ok)
-        tl.store(pl_ptr + base, l_i, mask=row_ok)
+        # a split past every row's limit is never read by the combine: nothing to write
+        live = rows < tl.where(start < length, G * T, 0)
+        tl.store(po_ptr + base[:, None] * D + d[None, :], acc, mask=live[:, None])
+        tl.store(pm_ptr + base, m_i, mask=live)
+        tl.store(pl_ptr + base, l_i, mask=live)
 
     @triton.jit
-    def _attn_combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, T, H,
+    def _attn_combine_kernel(po_ptr, pm_ptr, pl_ptr, lim_ptr, out_ptr, T, H,
                              G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                             SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
+                             SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
         pdl_enter(PDL)
         hk = tl.program_id(0)
         row = tl.program_id(1)
+        g = row // T
+        t = row % T
         sp = tl.arange(0, SPLITS_P2)
-        ok = sp < SPLITS
+        # Only the splits up to this row's own limit hold anything (the others would add exact
+        # zeros): masked loads read nothing and return those zeros, so the sums are unchanged
+        # and depend on the row's position only, as before.
+        ok = (sp < SPLITS) & (sp <= tl.load(lim_ptr + t) // CHUNK)
         idx = (hk * SPLITS + sp) * G * T + row
         m = tl.load(pm_ptr + idx, mask=ok, other=float("-inf"))
         l = tl.load(pl_ptr + idx, mask=ok, other=0.0)
@@ -309,8 +316,6 @@ if triton is not None:
         d = tl.arange(0, D)
         o = tl.load(po_ptr + idx[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         out = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-        g = row // T
-        t = row % T
         tl.store(out_ptr + (t * H + hk * G + g) * D + d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -323,7 +328,11 @@ def attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def attention_chunk(capacity: int) -> int:
-    """Slots per split: a function of the cache size only (see row invariance above)."""
+    """Slots per split: a function of the cache size only (see row invariance above).
+    ``DFLASH_ATTN_CHUNK`` (a power of two, 16-1024) overrides it, for measurements."""
+    forced = os.environ.get("DFLASH_ATTN_CHUNK")
+    if forced:
+        return int(forced)
     return 64 * max(2, -(-capacity // (32 * 64)))
 
 
@@ -346,7 +355,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(1), k_cache.stride(2), G=g, D=d, SPLITS=splits, CHUNK=chunk,
         BLOCK_N=min(chunk, 128), PDL=pdl, num_warps=4, num_stages=2, **pdl_opts(pdl))
     out = torch.empty((1, t, h * d), device=q.device, dtype=q.dtype)
-    _attn_combine_kernel[(hkv, g * t)](po, pm, pl, out, t, h, G=g, D=d, SPLITS=splits,
-                                       SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl,
-                                       num_warps=4, **pdl_opts(pdl))
+    _attn_combine_kernel[(hkv, g * t)](po, pm, pl, lim, out, t, h, G=g, D=d, SPLITS=splits,
+                                       SPLITS_P2=triton.next_power_of_2(splits), CHUNK=chunk,
+                                       PDL=pdl, num_warps=4, **pdl_opts(pdl))
     return out
