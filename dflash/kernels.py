@@ -332,7 +332,10 @@ def attention_chunk(capacity: int) -> int:
     ``DFLASH_ATTN_CHUNK`` (a power of two, 16-1024) overrides it, for measurements."""
     forced = os.environ.get("DFLASH_ATTN_CHUNK")
     if forced:
-        return int(forced)
+        chunk = int(forced)
+        if chunk < 16 or chunk > 1024 or chunk & (chunk - 1):
+            raise ValueError(f"DFLASH_ATTN_CHUNK must be a power of two in 16..1024, got {forced}")
+        return chunk
     return 64 * max(2, -(-capacity // (32 * 64)))
 
 

@@ -47,8 +47,7 @@ def main(argv=None) -> int:
     pair = bench.load_pair("embedded", "embedded", torch.device("cpu"), "float32")
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
-    global median_ms
-    median_ms = functools.partial(median_ms, clock=clock)
+    timed = functools.partial(median_ms, clock=clock)
     target = pair.target
     embed, _, _, lm_head, _ = decoder_parts(target)
     layers = pair.draft.target_layer_ids
@@ -56,8 +55,8 @@ def main(argv=None) -> int:
     ctx = 200
     ids = torch.randint(3, target.config.vocab_size - 1, (1, ctx))
     _, feats = engine.forward(ids, torch.arange(ctx), kv_len=ctx)
-    ar = median_ms(lambda: engine.forward(ids[:, -1:], torch.tensor([ctx]), kv_len=ctx + 1))
-    verify = {t: median_ms(lambda t=t: engine.forward(ids[:, -t:], torch.arange(ctx, ctx + t),
+    ar = timed(lambda: engine.forward(ids[:, -1:], torch.tensor([ctx]), kv_len=ctx + 1))
+    verify = {t: timed(lambda t=t: engine.forward(ids[:, -t:], torch.arange(ctx, ctx + t),
                                                       kv_len=ctx + t)) for t in (16, 8)}
     print(f"AR step {ar:.2f} ms; verify 16 tokens {verify[16] / ar:.2f} steps, "
           f"8 tokens {verify[8] / ar:.2f} steps")
@@ -71,7 +70,7 @@ def main(argv=None) -> int:
         init_draft_weights(draft, seed=0)
         eng = CpuDraftEngine(draft.float().eval(), embed, lm_head, 1024)
         eng.append_context(feats, torch.arange(ctx))
-        ms = median_ms(lambda: eng.propose_logits(block, pos, kv_len=ctx + 16))
+        ms = timed(lambda: eng.propose_logits(block, pos, kv_len=ctx + 16))
         cycle = verify[16] / ar + ms / ar + 0.13
         print(f"draft {n_layers} layer(s): {ms:.2f} ms = {ms / ar:.2f} steps; cycle ~{cycle:.2f} "
               f"steps, so 1.5x needs tau >= {1.5 * cycle:.2f}")
