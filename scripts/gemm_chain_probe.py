@@ -3,18 +3,19 @@
 Runs the GEMM chain of one Qwen3-4B AR step (36 layers x q/k/v, o, gate/up + SwiGLU, down;
 the tuned configs, PDL, one CUDA graph, no small kernels in between) with the engine's kernel
 and with variants, to find where the time over the weight-read floor goes:
+  engine      the engine's own launch (dflash.layer_kernels._gemm), the reference
   tiled       weights re-laid out so each program's tiles are one contiguous stream
-              ([N/BN, SPLIT, K/(SPLIT BK), BN, BK]); +evict: evict-first hint on weight loads
+              ([N/BN, SPLIT, K/(SPLIT BK), BN, BK]); evict: evict-first hint on weight loads
   regD        weights double-buffered in registers by hand, D tiles ahead (no cp.async);
               +prewait: the first tiles loaded before the PDL wait
   waitloop    the PDL wait moved into the K loop (an impure asm whose 0 result the x address
               depends on): Triton's pipeliner then issues the first stages' weight copies
               before the wait, and loads x synchronously in the loop; +S: S more stages
   x-ahead     as waitloop, with x loaded one step ahead in registers
-Each variant is checked bitwise against the engine kernel's products (M = 1 and 16), then
+Each variant is checked bitwise against the engine's products (M = 1 and 16), then
 timed in alternation (median of --rounds x --iters replays). Results: docs/PERFORMANCE.md.
 
-Usage: python scripts/gemm_chain_probe.py [--variants rowmajor,x-ahead] [--rounds 3]
+Usage: python scripts/gemm_chain_probe.py [--variants engine,x-ahead] [--rounds 3]
 """
 import argparse
 import json
@@ -25,7 +26,8 @@ import triton
 import triton.language as tl
 
 from dflash.kernels import config_for, pdl_enter, pdl_opts, use_pdl
-from dflash.perf import copy_bandwidth
+from dflash.layer_kernels import _gemm
+from dflash.perf import copy_bandwidth, time_ms
 
 SHAPES = [("qkv", 6144, 2560), ("o", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728)]
 LAYERS = 36
@@ -45,11 +47,33 @@ def _wait_token(PDL: tl.constexpr):
 
 
 @triton.jit
+def _store_out(acc, out_ptr, pid_n, pid_k, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               PARTIAL: tl.constexpr, SWIGLU: tl.constexpr):
+    """The engine kernel's three epilogues: fp32 split-K partials, SwiGLU, or the product."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m[:, None] < M
+    if PARTIAL:
+        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_ok)
+    elif SWIGLU:
+        half: tl.constexpr = BLOCK_N // 2
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
+        y = gate / (1.0 + tl.exp(-gate)) * up
+        offs_h = pid_n * half + tl.arange(0, half)
+        tl.store(out_ptr + offs_m[:, None] * (N // 2) + offs_h[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=m_ok)
+    else:
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=m_ok)
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  SPLIT: tl.constexpr, PARTIAL: tl.constexpr, SWIGLU: tl.constexpr,
-                 TILED: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr,
-                 WAIT_IN_LOOP: tl.constexpr = False, X_AHEAD: tl.constexpr = False):
+                 TILED: tl.constexpr, EVICT: tl.constexpr, WAIT_IN_LOOP: tl.constexpr,
+                 X_AHEAD: tl.constexpr, PDL: tl.constexpr):
+    """The engine's skinny GEMM loop (dflash/kernels.py) with the probe's options."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -90,19 +114,7 @@ def _gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split,
         else:
             x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_ok, other=0.0)
         acc += tl.dot(x, tl.trans(w))
-    if PARTIAL:
-        out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(out, acc, mask=m_ok)
-    elif SWIGLU:
-        half: tl.constexpr = BLOCK_N // 2
-        gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
-        y = gate / (1.0 + tl.exp(-gate)) * up
-        offs_h = pid_n * half + tl.arange(0, half)
-        tl.store(out_ptr + offs_m[:, None] * (N // 2) + offs_h[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=m_ok)
-    else:
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=m_ok)
+    _store_out(acc, out_ptr, pid_n, pid_k, M, N, BLOCK_M, BLOCK_N, PARTIAL, SWIGLU)
 
 
 @triton.jit
@@ -139,19 +151,21 @@ def _gemm_regpipe_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split,
             w0 = tl.load(w_rows + (i + 1) * BLOCK_K, mask=i + 1 < iters, other=0.0)
         x = tl.load(x_rows + (k_start + i * BLOCK_K + offs_k)[None, :], mask=m_ok, other=0.0)
         acc += tl.dot(x, tl.trans(cur))
-    if PARTIAL:
-        out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(out, acc, mask=m_ok)
-    elif SWIGLU:
-        half: tl.constexpr = BLOCK_N // 2
-        gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
-        y = gate / (1.0 + tl.exp(-gate)) * up
-        offs_h = pid_n * half + tl.arange(0, half)
-        tl.store(out_ptr + offs_m[:, None] * (N // 2) + offs_h[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=m_ok)
-    else:
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=m_ok)
+    _store_out(acc, out_ptr, pid_n, pid_k, M, N, BLOCK_M, BLOCK_N, PARTIAL, SWIGLU)
+
+
+# name -> options of the probe kernels; "engine" is the engine's own launch (layer_kernels._gemm)
+VARIANTS = {
+    "engine": None,
+    "tiled": dict(tiled=True), "evict": dict(evict=True), "tiled+evict": dict(tiled=True, evict=True),
+    "reg1": dict(depth=1), "reg1+prewait": dict(depth=1, prewait=True),
+    "reg2": dict(depth=2), "reg2+prewait": dict(depth=2, prewait=True),
+    "waitloop": dict(wait_in_loop=True), "waitloop+1": dict(wait_in_loop=True, stages=1),
+    "waitloop+2": dict(wait_in_loop=True, stages=2),
+    "x-ahead": dict(wait_in_loop=True, x_ahead=True),
+    "x-ahead+1": dict(wait_in_loop=True, x_ahead=True, stages=1),
+    "x-ahead-1": dict(wait_in_loop=True, x_ahead=True, stages=-1),
+}
 
 
 def tile_layout(w, bn, bk, split):
@@ -162,7 +176,7 @@ def tile_layout(w, bn, bk, split):
 
 def build(tiled):
     dev = torch.device("cuda")
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same weights in both layouts
     layers = []
     for _ in range(LAYERS):
         layer = {}
@@ -174,43 +188,37 @@ def build(tiled):
     return layers
 
 
-def chain(layers, x_in, tiled, evict, m, regpipe=None, warps_override=None):
-    """regpipe: (depth, prewait) for the register-pipelined kernel, or ("loop", extra stages)
-    for the wait-in-loop variant of the usual kernel."""
+def chain(weights, x_in, m, label):
+    """One AR step's GEMMs (layers of ``weights``) launched as variant ``label``."""
+    opt = VARIANTS[label]
+    layers = weights[bool(opt and opt.get("tiled"))]
     pdl = use_pdl(x_in["qkv"].device)
     outs = []
     for layer in layers:
         for name, n, k in SHAPES:
+            partial, swiglu = name in ("o", "down"), name == "gate_up"
+            x, w = x_in[name], layer[name]
+            if opt is None:
+                outs.append(_gemm(x, w, swiglu=swiglu, partial=partial))
+                continue
             bn, bk, split, warps, stages = config_for(n, k)
-            partial = name in ("o", "down")
-            if not partial:
-                split = 1
-            swiglu = name == "gate_up"
+            split = split if partial else 1  # as in _gemm
             if partial:
                 out = torch.empty((split, m, n), device="cuda", dtype=torch.float32)
             else:
                 out = torch.empty((m, n // 2 if swiglu else n), device="cuda", dtype=torch.bfloat16)
-            if regpipe is not None and regpipe[0] in ("loop", "ahead"):
+            args = (x, w, out, m, n, k, k // split)
+            common = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, PARTIAL=partial, SWIGLU=swiglu,
+                          PDL=pdl, num_warps=warps, **pdl_opts(pdl))
+            if "depth" in opt:
+                _gemm_regpipe_kernel[(n // bn, split)](*args, DEPTH=opt["depth"],
+                                                       PREWAIT=opt.get("prewait", False),
+                                                       num_stages=1, **common)
+            else:
                 _gemm_kernel[(n // bn, split)](
-                    x_in[name], layer[name], out, m, n, k, k // split, BLOCK_M=16, BLOCK_N=bn,
-                    BLOCK_K=bk, SPLIT=split, PARTIAL=partial, SWIGLU=swiglu, TILED=False,
-                    EVICT=False, PDL=pdl, WAIT_IN_LOOP=True, X_AHEAD=regpipe[0] == "ahead",
-                    num_warps=warps,
-                    num_stages=stages + regpipe[1], **pdl_opts(pdl))
-                outs.append(out)
-                continue
-            if regpipe is not None:
-                depth, prewait = regpipe
-                _gemm_regpipe_kernel[(n // bn, split)](
-                    x_in[name], layer[name], out, m, n, k, k // split, BLOCK_M=16, BLOCK_N=bn,
-                    BLOCK_K=bk, PARTIAL=partial, SWIGLU=swiglu, DEPTH=depth, PREWAIT=prewait,
-                    PDL=pdl, num_warps=warps_override or warps, num_stages=1, **pdl_opts(pdl))
-                outs.append(out)
-                continue
-            _gemm_kernel[(n // bn, split)](
-                x_in[name], layer[name], out, m, n, k, k // split, BLOCK_M=16, BLOCK_N=bn,
-                BLOCK_K=bk, SPLIT=split, PARTIAL=partial, SWIGLU=swiglu, TILED=tiled,
-                EVICT=evict, PDL=pdl, num_warps=warps, num_stages=stages, **pdl_opts(pdl))
+                    *args, SPLIT=split, TILED=opt.get("tiled", False), EVICT=opt.get("evict", False),
+                    WAIT_IN_LOOP=opt.get("wait_in_loop", False), X_AHEAD=opt.get("x_ahead", False),
+                    num_stages=stages + opt.get("stages", 0), **common)
             outs.append(out)
     return outs
 
@@ -228,77 +236,49 @@ def graph_of(fn):
     return g
 
 
-def time_graph(g, iters):
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
-
-
-# name -> (tile-contiguous weights, evict-first hint, kernel variant for ``chain``)
-VARIANTS = {
-    "rowmajor": (False, False, None), "tiled": (True, False, None),
-    "rowmajor+evict": (False, True, None), "tiled+evict": (True, True, None),
-    "reg1": (False, False, (1, False)), "reg1+prewait": (False, False, (1, True)),
-    "reg2": (False, False, (2, False)), "reg2+prewait": (False, False, (2, True)),
-    "waitloop": (False, False, ("loop", 0)), "waitloop+1": (False, False, ("loop", 1)),
-    "waitloop+2": (False, False, ("loop", 2)), "x-ahead": (False, False, ("ahead", 0)),
-    "x-ahead+1": (False, False, ("ahead", 1)), "x-ahead-1": (False, False, ("ahead", -1)),
-}
-
-
 @torch.inference_mode()
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--out", default="gemm_chain_probe.json")
-    p.add_argument("--variants", default="rowmajor,tiled,reg2+prewait,waitloop,x-ahead",
+    p.add_argument("--variants", default="engine,tiled,reg2+prewait,waitloop,x-ahead",
                    help="comma list of: " + ",".join(VARIANTS))
     args = p.parse_args()
-    bw = copy_bandwidth(torch.device("cuda"))
-    nbytes = LAYERS * sum(n * k * 2 for _, n, k in SHAPES)
-    floor = nbytes / bw * 1e3
-    print(f"copy {bw / 1e12:.3f} TB/s; {nbytes / 1e9:.2f} GB of layer weights; floor {floor:.3f} ms",
-          flush=True)
     chosen = args.variants.split(",")
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {','.join(VARIANTS)}")
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    nbytes = LAYERS * sum(n * k * 2 for _, n, k in SHAPES)
+    floor = nbytes / bw * 1e3
+    print(f"copy {bw / 1e12:.3f} TB/s; {nbytes / 1e9:.2f} GB of layer weights; floor {floor:.3f} ms",
+          flush=True)
     weights = {False: build(False)}
-    if any(VARIANTS[v][0] for v in chosen):
+    if any(VARIANTS[v] and VARIANTS[v].get("tiled") for v in chosen):
         weights[True] = build(True)
-    # every variant computes the same products as the plain kernel (bitwise: same tile order)
+    one = {tiled: layers[:1] for tiled, layers in weights.items()}
+    # every variant computes the engine's products bitwise (same tiles, same order)
     for m in (1, 16):
-        x_in = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, n, k in SHAPES}
-        ref = chain(weights[False][:1], x_in, False, False, m)
+        x_in = {name: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for name, n, k in SHAPES}
+        ref = chain(one, x_in, m, "engine")
         for label in chosen:
-            tiled, evict, reg = VARIANTS[label]
-            got = chain(weights[tiled][:1], x_in, tiled, evict, m, reg)
+            got = chain(one, x_in, m, label)
             diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(ref, got))
             print(f"check M={m} {label}: max |diff| {diff:.3g}", flush=True)
-    variants = [(label, *VARIANTS[label]) for label in chosen]
-    results = {label: {1: [], 16: []} for label in chosen}
     graphs = {}
     for m in (1, 16):
-        x_in = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, n, k in SHAPES}
-        for label, tiled, evict, reg in variants:
-            graphs[(label, m)] = (graph_of(lambda: chain(weights[tiled], x_in, tiled, evict, m, reg)),
-                                  x_in)
-    for r in range(args.rounds):
+        x_in = {name: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for name, n, k in SHAPES}
+        for label in chosen:
+            graphs[(label, m)] = graph_of(lambda: chain(weights, x_in, m, label))
+    results = {label: {1: [], 16: []} for label in chosen}
+    for _ in range(args.rounds):  # alternated, so drift hits every variant alike
         for m in (1, 16):
-            for label, *_ in variants:
-                results[label][m].append(time_graph(graphs[(label, m)][0], args.iters))
+            for label in chosen:
+                results[label][m].append(time_ms(graphs[(label, m)].replay, dev, args.iters))
     print(f"\n{'variant':16s} {'M=1 ms (runs)':34s} {'rate':>9s} {'M=16 ms':>8s}")
-    for label, *_ in variants:
+    for label in chosen:
         t1 = statistics.median(results[label][1])
         t16 = statistics.median(results[label][16])
         runs = " ".join(f"{t:.3f}" for t in results[label][1])
@@ -308,8 +288,9 @@ def main():
         for kern in _gemm_kernel.device_caches[0][0].values():
             src = kern.asm.get("ttgir", "")
             if "griddepcontrol.wait; griddepcontrol" in src:
-                lines = [l.strip()[:110] for l in src.splitlines() if any(
-                    t in l for t in ("scf.for", "async_copy_global", "inline_asm", "tt.load", "async_wait"))]
+                lines = [line.strip()[:110] for line in src.splitlines() if any(
+                    t in line for t in ("scf.for", "async_copy_global", "inline_asm", "tt.load",
+                                        "async_wait"))]
                 print("\n".join(lines[:24]))
                 break
     except Exception as e:  # noqa: BLE001 - a diagnostic only
