@@ -4,7 +4,7 @@
 engine on CPU). The draft's forward is pure speculative overhead: 4 layers at 16 block
 tokens whose GEMMs are compute-bound, plus a few hundred small ops that each cost a fixed
 dispatch. It computes what ``DraftEngine`` computes (same layers, block and cache
-semantics; with MKL and >= 4 block tokens even the same bits), with fewer, faster kernels:
+semantics; on some processors even the same bits, which nothing relies on), with fewer, faster kernels:
 
 - weights pre-transposed to [in, out] (``x @ w_t``: MKL's faster layout for these skinny
   GEMMs), q/k/v and gate/up concatenated into one GEMM each;
@@ -20,8 +20,6 @@ Only the draft changes: its proposals may differ from ``DraftEngine``'s by float
 which can move acceptance but never the output (the target verifies every token). The
 target engine and the autoregressive baseline are untouched.
 
-``CpuTargetEngine`` is a lean target forward kept as a measurement option (not used by
-default): it speeds up the baseline and the verify alike; see its docstring.
 """
 from __future__ import annotations
 
@@ -29,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .draft import DFlashDraftModel
-from .engine import DraftEngine, StaticTargetEngine
+from .engine import DraftEngine
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -148,123 +146,3 @@ class CpuDraftEngine(DraftEngine):
         if h.dtype != self.lm_head_t.dtype:
             h = h.to(self.lm_head_t.dtype)
         return self._mm(h, self.lm_head_t, self.lm_head_b)[None]  # [1, b-1, V]
-
-
-class CpuTargetEngine(StaticTargetEngine):
-    """A lean eager target forward for CPU (measurement option; not the default engine).
-
-    Runs the same layer math as ``StaticTargetEngine`` without the module calls:
-    ``exact=True`` uses, for forwards of ``min_rows`` tokens or more, pre-transposed q/k/v and
-    gate/up-fused weights (``x @ w_t``, which with MKL on CPU gives bit for bit the result of
-    ``F.linear(x, w)`` from 4 rows on) and, for shorter ones, ``F.linear`` on the modules' own
-    weights; the constructor checks bit-equality with ``StaticTargetEngine`` at 1 and 16
-    tokens and otherwise leaves the lean path off. ``exact=False`` uses the fused weights for
-    every token count (faster autoregressive steps, rounding no longer identical to the
-    model's modules at 1-3 tokens). Both apply to the baseline and the speculative verify
-    alike. Models with biases or a non-SwiGLU MLP run the plain engine.
-    """
-
-    def __init__(self, model, feature_layer_ids: list[int], capacity: int, *, exact: bool = True,
-                 min_rows: int = 4):
-        super().__init__(model, feature_layer_ids, capacity)
-        self.exact, self.min_rows = exact, min_rows if exact else 1
-        self.lean = self._prepare()
-        if self.lean and exact:
-            self.lean = self._bit_equal()
-
-    def _prepare(self) -> bool:
-        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
-        self.layer_w = []
-        for layer in self.layers:
-            a, m = layer.self_attn, layer.mlp
-            mlp = [getattr(m, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-            if None in mlp or not isinstance(getattr(m, "act_fn", None), torch.nn.SiLU) and \
-                    type(getattr(m, "act_fn", None)).__name__ != "SiLUActivation":
-                return False
-            linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj] + mlp
-            if any(l.bias is not None for l in linears):
-                return False
-            qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
-            self.layer_w.append(dict(
-                ln1=layer.input_layernorm.weight.detach(),
-                q=a.q_proj.weight.detach(), k=a.k_proj.weight.detach(),
-                v=a.v_proj.weight.detach(), o=a.o_proj.weight.detach(),
-                gate=m.gate_proj.weight.detach(), up=m.up_proj.weight.detach(),
-                down=m.down_proj.weight.detach(),
-                qkv_t=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
-                .t().contiguous(),
-                qn=None if qn is None else qn.weight.detach(),
-                kn=None if kn is None else kn.weight.detach(),
-                o_t=a.o_proj.weight.detach().t().contiguous(),
-                ln2=layer.post_attention_layernorm.weight.detach(),
-                gu_t=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().t().contiguous(),
-                down_t=m.down_proj.weight.detach().t().contiguous(),
-            ))
-        if self.lm_head.bias is not None:
-            return False
-        self.norm_w = self.norm.weight.detach()
-        self.lm_head_w = self.lm_head.weight.detach()
-        self.lm_head_t = self.lm_head_w.t().contiguous()
-        return True
-
-    @torch.inference_mode()
-    def _bit_equal(self) -> bool:
-        """The lean path gives StaticTargetEngine's exact bits here (1 and 16 tokens)?"""
-        n = 17
-        if self.capacity < n:
-            return False
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, self.embed.weight.shape[0], (1, n), generator=g).to(self.device)
-        pos = torch.arange(n, device=self.device)
-        ok = True
-        for part in (slice(0, 16), slice(16, 17)):  # a 16-token forward, then a 1-token step
-            ref = super()._forward(ids[:, part], pos[part], part.stop)
-            self.lean = True
-            got = self._forward(ids[:, part], pos[part], part.stop)
-            ok = ok and all(torch.equal(a, b) for a, b in zip(ref, got))
-        for c in self.k_cache + self.v_cache:
-            c.zero_()
-        return ok
-
-    def _forward(self, input_ids, positions, kv_len=None, cache_slots=None, tree_mask=None):
-        if not self.lean or cache_slots is not None or kv_len is None:
-            return super()._forward(input_ids, positions, kv_len, cache_slots, tree_mask)
-        nh, nkv, d, eps = self.n_heads, self.n_kv, self.head_dim, self.eps
-        t = input_ids.shape[1]
-        fused = t >= self.min_rows
-        h = self.embed(input_ids[0])  # [T, H]
-        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
-        mask = (self.slots[:kv_len][None, :] <= positions[:, None])[None, None]
-        captured = {}
-        for i, w in enumerate(self.layer_w):
-            x = _rms(h, w["ln1"], eps)
-            if fused:
-                qkv = x @ w["qkv_t"]
-                q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
-            else:
-                q, k, v = F.linear(x, w["q"]), F.linear(x, w["k"]), F.linear(x, w["v"])
-            q, k = q.view(1, t, nh, d), k.view(1, t, nkv, d)
-            v = v.view(1, t, nkv, d).transpose(1, 2)
-            if w["qn"] is not None:
-                q, k = _rms(q, w["qn"], eps), _rms(k, w["kn"], eps)
-            q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
-            self.k_cache[i].index_copy_(2, positions, k)
-            self.v_cache[i].index_copy_(2, positions, v)
-            out = F.scaled_dot_product_attention(
-                q, self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len],
-                attn_mask=mask, enable_gqa=nh != nkv)
-            out = out[0].transpose(0, 1).reshape(t, nh * d)
-            if fused:
-                h = h + out @ w["o_t"]
-                gate, up = (_rms(h, w["ln2"], eps) @ w["gu_t"]).chunk(2, dim=-1)
-                h = h + (F.silu(gate) * up) @ w["down_t"]
-            else:
-                h = h + F.linear(out, w["o"])
-                x = _rms(h, w["ln2"], eps)
-                h = h + F.linear(F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"]), w["down"])
-            if i in self._wanted:
-                captured[i] = h
-        h = _rms(h, self.norm_w, eps)
-        logits = h @ self.lm_head_t if fused else F.linear(h, self.lm_head_w)
-        feats = torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
-        return logits[None], feats[None]

@@ -5,9 +5,7 @@ stage (draft forward, target verify, acceptance + host read, draft context appen
 bookkeeping) and the plain autoregressive step on the same engine, interleaved prompt by
 prompt in one process, and prints each stage in milliseconds and in autoregressive steps.
 ``--draft-engines generic cpu`` compares ``engine.DraftEngine`` with
-``cpu_engine.CpuDraftEngine`` (what the CPU static engine now uses) side by side;
-``--target-engines static lean-exact lean-fused`` adds the lean target forwards of
-``cpu_engine.CpuTargetEngine`` (each with its own baseline: they change the baseline too).
+``cpu_engine.CpuDraftEngine`` (what the CPU static engine now uses) side by side.
 
 Timers read this thread's CPU time by default (``--clock thread``): with one torch thread
 that is the work done, unaffected by other jobs taking the core away (they still pollute
@@ -32,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dflash import bench  # noqa: E402
-from dflash.cpu_engine import CpuDraftEngine, CpuTargetEngine  # noqa: E402
+from dflash.cpu_engine import CpuDraftEngine  # noqa: E402
 from dflash.datasets import load_prompts  # noqa: E402
 from dflash.engine import DraftEngine, StaticTargetEngine, decoder_parts  # noqa: E402
 from dflash.sampling import greedy_accept  # noqa: E402
@@ -105,8 +103,6 @@ def main():
     ap.add_argument("--clock", choices=["thread", "wall"], default="thread")
     ap.add_argument("--draft-engines", nargs="+", default=["generic", "cpu"],
                     choices=["generic", "cpu"])
-    ap.add_argument("--target-engines", nargs="+", default=["static"],
-                    choices=["static", "lean-exact", "lean-fused"])
     ap.add_argument("--torch-profile", action="store_true", help="also a per-op table")
     args = ap.parse_args()
 
@@ -122,13 +118,7 @@ def main():
     cap = -(-(max(e.numel() for e in enc) + args.max_new + 65) // 256) * 256
     draft = pair.draft
     ids_l = draft.target_layer_ids
-    tmakers = {"static": lambda: StaticTargetEngine(pair.target, ids_l, cap),
-               "lean-exact": lambda: CpuTargetEngine(pair.target, ids_l, cap, exact=True),
-               "lean-fused": lambda: CpuTargetEngine(pair.target, ids_l, cap, exact=False)}
-    targets = {name: tmakers[name]() for name in args.target_engines}
-    for name, t in targets.items():
-        if name != "static" and not t.lean:
-            print(f"note: {name}: lean path off here (not bit-equal or unsupported model)")
+    targets = {"static": StaticTargetEngine(pair.target, ids_l, cap)}
     embed, _, _, lm_head, _ = decoder_parts(pair.target)
     makers = {"generic": DraftEngine, "cpu": CpuDraftEngine}
     drafts = {name: makers[name](draft, embed, lm_head, cap) for name in args.draft_engines}

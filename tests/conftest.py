@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,15 @@ EMBEDDED = (REPO / "models" / "tiny-target" / "config.json").exists() and \
     (REPO / "models" / "tiny-draft" / "config.json").exists()
 
 torch.set_num_threads(1)  # tiny models: extra threads only add sync cost
+
+# Nothing outside the checkout changes what the suite sees: a dataset or model a user has
+# cached (~/.cache/dflash, the Hugging Face cache) would turn "not reachable" paths into
+# loads. Subprocesses inherit these.
+_ISOLATED = tempfile.mkdtemp(prefix="dflash-tests-")
+os.environ["DFLASH_CACHE_DIR"] = os.path.join(_ISOLATED, "dflash")
+os.environ["HF_HOME"] = os.path.join(_ISOLATED, "hf")
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ.pop("HF_DATASETS_CACHE", None)
 
 
 @pytest.fixture(scope="session")

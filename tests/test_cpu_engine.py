@@ -66,28 +66,3 @@ def test_cpu_static_decoder_uses_cpu_draft_engine():
                           do_sample=False, pad_token_id=0)[0, 4:].tolist()
     assert dec.generate(ids, 30, block_size=8).output_ids == ref
     assert type(SpeculativeDecoder(target, draft, engine="hf")._engines(64)[1]) is DraftEngine
-
-
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_lean_target_engine_is_bit_exact_or_off(arch):
-    """CpuTargetEngine(exact=True): StaticTargetEngine's exact bits, or the lean path is off."""
-    from dflash.cpu_engine import CpuTargetEngine
-    target = make_random_target(arch=arch, vocab_size=96, hidden_size=64, num_layers=3)
-    ref = StaticTargetEngine(target, [0, 2], 128)
-    lean = CpuTargetEngine(target, [0, 2], 128, exact=True)
-    fused = CpuTargetEngine(target, [0, 2], 128, exact=False)
-    assert fused.lean
-    ids = torch.randint(1, 95, (1, 60), generator=torch.Generator().manual_seed(3))
-    start = 0
-    with torch.inference_mode():
-        for n in (23, 1, 16, 2, 1, 5, 3, 9):  # prompt, steps and verify-sized forwards
-            pos = torch.arange(start, start + n)
-            a = ref.forward(ids[:, start:start + n], pos, kv_len=start + n)
-            b = lean.forward(ids[:, start:start + n], pos, kv_len=start + n)
-            c = fused.forward(ids[:, start:start + n], pos, kv_len=start + n)
-            for x, y, z in zip(a, b, c):
-                assert x.shape == y.shape == z.shape
-                if lean.lean:
-                    assert torch.equal(x, y), (n, arch)
-                torch.testing.assert_close(z, x, rtol=1e-4, atol=1e-5)
-            start += n

@@ -215,7 +215,10 @@ def test_cli_trains_saves_reloads_and_decodes_losslessly(tmp_path):
     assert train.main([*common[:6], str(out2), *common[7:]]) == 0
     from safetensors.torch import load_file
     a, b = load_file(str(out / "model.safetensors")), load_file(str(out2 / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Same process, same kernels and inputs, yet MKL may pick alignment-dependent paths: compare
+    # with a tolerance far below what a wrong resume (lost optimizer state, reset schedule) moves.
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["block_size"] == 8 and cfg["num_target_layers"] == 4
