@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Benchmark DFlash speculative decoding vs autoregressive decoding (see --help)."""
-from dflash.benchmark_cli import main
+from dflash.bench.benchmark_cli import main
 from dflash.errors import run_cli
 
 if __name__ == "__main__":

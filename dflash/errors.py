@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import traceback
@@ -179,3 +180,32 @@ def _exit_now(code: int) -> None:
             except Exception:  # noqa: BLE001
                 pass
         os._exit(code)
+
+
+def parse_int_list(text, name: str, *, minimum: int | None = None, duplicates: str = "drop",
+                   example: str = "8,12,16", why: str = "") -> list[int]:
+    """Comma- or whitespace-separated integers (``"8,12,16"``, ``"4 8"``) -> a list, in order.
+
+    ``duplicates``: ``drop`` (keep the first), ``keep`` or ``refuse``; ``minimum``: the smallest
+    value allowed (``why`` says why, in the error). Every failure is one UserError naming ``name``.
+    """
+    hint = f"use a comma-separated list of integers such as {example}"
+    values: list[int] = []
+    for item in re.split(r"[\s,]+", str(text).strip()):
+        if not item:
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            raise UserError(f"{name} must be integers, got '{item}'", hint) from None
+        if minimum is not None and value < minimum:
+            raise UserError(f"{name} must be >= {minimum}{why}, got {value}", hint)
+        if value in values:
+            if duplicates == "refuse":
+                raise UserError(f"{name} lists {value} twice", hint)
+            if duplicates == "drop":
+                continue
+        values.append(value)
+    if not values:
+        raise UserError(f"{name} is empty", hint)
+    return values

@@ -29,11 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dflash import bench  # noqa: E402
-from dflash.cpu_engine import CpuDraftEngine  # noqa: E402
+from dflash.bench import common as bench  # noqa: E402
+from dflash.engine.cpu import CpuDraftEngine  # noqa: E402
 from dflash.datasets import load_prompts  # noqa: E402
-from dflash.engine import DraftEngine, StaticTargetEngine, decoder_parts  # noqa: E402
-from dflash.sampling import greedy_accept  # noqa: E402
+from dflash.engine.draft import DraftEngine  # noqa: E402
+from dflash.engine.static import StaticTargetEngine, decoder_parts  # noqa: E402
+from dflash.decoding.sampling import greedy_accept  # noqa: E402
 
 STAGES = ("draft", "verify", "accept", "append", "book", "cycle")
 

@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dflash import bench  # noqa: E402
-from dflash.cpu_engine import CpuDraftEngine  # noqa: E402
-from dflash.draft import DFlashDraftModel  # noqa: E402
-from dflash.engine import StaticTargetEngine, decoder_parts  # noqa: E402
-from dflash.train import init_draft_weights, make_draft_config  # noqa: E402
+from dflash.bench import common as bench  # noqa: E402
+from dflash.engine.cpu import CpuDraftEngine  # noqa: E402
+from dflash.model.draft import DFlashDraft  # noqa: E402
+from dflash.engine.static import StaticTargetEngine, decoder_parts  # noqa: E402
+from dflash.training.train_draft import init_draft_weights, make_draft_config  # noqa: E402
 
 
 def median_ms(fn, n: int = 60, clock=time.thread_time) -> float:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     for n_layers in (1, 2, 3, 4):
         cfg = make_draft_config(target, num_layers=n_layers, block_size=16,
                                 mask_token_id=pair.draft.mask_token_id, target_layer_ids=layers)
-        draft = DFlashDraftModel(cfg)
+        draft = DFlashDraft(cfg)
         init_draft_weights(draft, seed=0)
         eng = CpuDraftEngine(draft.float().eval(), embed, lm_head, 1024)
         eng.append_context(feats, torch.arange(ctx))

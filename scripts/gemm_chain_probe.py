@@ -3,7 +3,7 @@
 Runs the GEMM chain of one Qwen3-4B AR step (36 layers x q/k/v, o, gate/up + SwiGLU, down;
 the tuned configs, PDL, one CUDA graph, no small kernels in between) with the engine's kernel
 and with variants, to find where the time over the weight-read floor goes:
-  engine      the engine's own launch (dflash.layer_kernels._gemm), the reference
+  engine      the engine's own launch (dflash.engine.cuda.layer._gemm), the reference
   tiled       weights re-laid out so each program's tiles are one contiguous stream
               ([N/BN, SPLIT, K/(SPLIT BK), BN, BK]); evict: evict-first hint on weight loads
   regD        weights double-buffered in registers by hand, D tiles ahead (no cp.async);
@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dflash.kernels import config_for, pdl_enter, pdl_opts, use_pdl
-from dflash.layer_kernels import _gemm
-from dflash.perf import copy_bandwidth, time_ms
+from dflash.engine.cuda.kernels import config_for, pdl_enter, pdl_opts, use_pdl
+from dflash.engine.cuda.layer import _gemm
+from dflash.bench.perf import copy_bandwidth, time_ms
 
 SHAPES = [("qkv", 6144, 2560), ("o", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728)]
 LAYERS = 36

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from dflash import bench  # noqa: E402
-from dflash.decoding import SpeculativeDecoder  # noqa: E402
+from dflash.bench import common as bench  # noqa: E402
+from dflash.decoding.loop import SpeculativeDecoder  # noqa: E402
 
 
 @torch.inference_mode()
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     ids = torch.randint(3, pair.target.config.vocab_size - 1, (1, args.context), device=dev)
     dec.reserve(args.context + 600)
     dec.generate(ids, 64, block_size=16)  # prefill, and the (16, 16) graph
-    target, draft = dec._engines(args.context + 600)
+    target, draft = dec.engines.ensure(args.context + 600)
     cycle = dec._greedy_cycle(target, draft, pair.draft.mask_token_id)
     last = ids[0, -1:].clone()
     cycle.begin(last, args.context)

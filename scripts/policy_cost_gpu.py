@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from dflash import bench  # noqa: E402
+from dflash.bench import common as bench  # noqa: E402
 from dflash.datasets import load_prompts  # noqa: E402
-from dflash.decoding import FixedPolicy, SpeculativeDecoder  # noqa: E402
-from dflash.scheduler import CostModelScheduler, make_scheduler  # noqa: E402
+from dflash.decoding.loop import SpeculativeDecoder  # noqa: E402
+from dflash.decoding.result import FixedPolicy  # noqa: E402
+from dflash.decoding.scheduler import CostModelScheduler, make_scheduler  # noqa: E402
 
 
 def spin(us: float) -> None:

@@ -10,8 +10,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dflash.engine import DraftEngine, StaticTargetEngine, decoder_parts
-from dflash.perf import QWEN3_4B, build_models
+from dflash.engine.draft import DraftEngine
+from dflash.engine.static import StaticTargetEngine, decoder_parts
+from dflash.bench.perf import QWEN3_4B, build_models
 
 
 def family(name: str) -> str:

@@ -22,16 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dflash.decoding import FixedPolicy  # noqa: E402
-from dflash.scheduler import CostModelScheduler, EWMAScheduler  # noqa: E402
+from dflash.decoding.result import FixedPolicy  # noqa: E402
+from dflash.decoding.scheduler import CostModelScheduler, EWMAScheduler  # noqa: E402
 
 
 def record_runs(datasets, samples, max_new, draft_block) -> dict:
     import torch
 
-    from dflash import bench
+    from dflash.bench import common as bench
     from dflash.datasets import load_prompts
-    from dflash.decoding import SpeculativeDecoder
+    from dflash.decoding.loop import SpeculativeDecoder
 
     pair = bench.load_pair("embedded", "embedded", torch.device("cpu"), "float32")
     stops = bench.stop_token_ids(pair)
@@ -45,7 +45,7 @@ def record_runs(datasets, samples, max_new, draft_block) -> dict:
                 res = dec.generate(torch.tensor([ids]), max_new, block_size=1, stop_token_ids=stops)
                 seq, n = ids + res.output_ids, len(ids)
                 dec.reserve(len(seq) + draft_block + 1)
-                target, draft = dec._target_engine, dec._draft_engine
+                target, draft = dec.engines.target_engine, dec.engines.draft_engine
                 pos = torch.arange(len(seq))
                 _, feats = target.forward(torch.tensor([seq]), pos, kv_len=len(seq))
                 draft.append_context(feats[:, :n], pos[:n])

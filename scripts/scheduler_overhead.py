@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dflash.decoding import FixedPolicy  # noqa: E402
-from dflash.scheduler import CostModelScheduler, EWMAScheduler  # noqa: E402
+from dflash.decoding.result import FixedPolicy  # noqa: E402
+from dflash.decoding.scheduler import CostModelScheduler, EWMAScheduler  # noqa: E402
 
 
 def per_cycle_us(policy, cycles: int, per_generation: int = 0) -> float:

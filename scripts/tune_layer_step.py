@@ -7,10 +7,10 @@ kernel overlaps its launch with the previous one, so the best config differs. Th
 builds the Qwen3-4B-shaped target (random bf16 weights) with the fast engine and, shape by
 shape (coordinate descent, two passes), replays the whole AR step (T=1) and verify step
 (T=16) graph for each candidate config, keeping the one with the lowest T=1 + T=16 time.
-Prints every candidate and writes the winners as a table for dflash.kernels.
+Prints every candidate and writes the winners as a table for dflash.engine.cuda.kernels.
 
 Usage (GPU): python scripts/tune_layer_step.py --out tune_layer.json [--write-table PATH]
-A table written as dflash/configs/skinny_gemm_<model>.json (e.g. skinny_gemm_a100.json) is
+A table written as dflash/engine/cuda/configs/skinny_gemm_<model>.json (e.g. skinny_gemm_a100.json) is
 used on every GPU whose name contains <model>.
 """
 import argparse
@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from dflash import kernels
-from dflash.engine import StaticTargetEngine
-from dflash.graphs import GraphCache
-from dflash.layer_kernels import interleave_gate_up
-from dflash.perf import QWEN3_4B, build_models, time_ms
+from dflash.engine.cuda import kernels
+from dflash.engine.static import StaticTargetEngine
+from dflash.engine.graphs import GraphCache
+from dflash.engine.cuda.layer import interleave_gate_up
+from dflash.bench.perf import QWEN3_4B, build_models, time_ms
 
 SHAPES = {"gate_up": (19456, 2560), "down": (2560, 9728), "qkv": (6144, 2560), "o": (2560, 4096)}
 

@@ -1,8 +1,8 @@
-"""Tune dflash.kernels' skinny GEMM for the Qwen3-4B target/draft shapes, against cuBLAS.
+"""Tune dflash.engine.cuda.kernels' skinny GEMM for the Qwen3-4B target/draft shapes, against cuBLAS.
 
 Each candidate is timed the way a decoding step runs it: a CUDA graph of calls over enough
 copies of the weight that none of it stays in L2. Prints per shape the cuBLAS time, the best
-config per M and the best config shared by M = 1 and M = 16 (what dflash.kernels.tuned_table()
+config per M and the best config shared by M = 1 and M = 16 (what dflash.engine.cuda.kernels.tuned_table()
 holds: one config per (N, K) keeps each row's arithmetic independent of M). Writes JSON.
 Usage (GPU): python scripts/tune_skinny_gemm.py --out tune.json
 """
@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dflash import kernels
+from dflash.engine.cuda import kernels
 
 SHAPES = {  # name: (N, K)
     "qkv": (6144, 2560), "o": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728),
@@ -56,7 +56,7 @@ def main():
     p.add_argument("--ms", default="1,16")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--write-table", default=None, help="also write the shared configs here "
-                   "(dflash/configs/skinny_gemm_h100.json is what dflash.kernels loads)")
+                   "(dflash/engine/cuda/configs/skinny_gemm_h100.json is what dflash.engine.cuda.kernels loads)")
     args = p.parse_args()
     torch.manual_seed(0)
     ms = [int(m) for m in args.ms.split(",")]

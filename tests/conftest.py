@@ -26,7 +26,7 @@ os.environ.pop("HF_DATASETS_CACHE", None)
 @pytest.fixture(scope="session")
 def toy_pair(tmp_path_factory):
     """(target_dir, draft_dir) of a random tiny pair with a tokenizer, block size 8."""
-    from dflash.toy import save_toy_pair
+    from dflash.model.toy import save_toy_pair
 
     return save_toy_pair(tmp_path_factory.mktemp("toy"), block_size=8)
 

@@ -1,0 +1,313 @@
+"""python -m dflash.perf: the decoding engines measured against the weight-read floor.
+
+On one GPU, in one run: copy bandwidth and the floor it implies for one decoding step; for
+each engine (fast: static cache + fused/compiled math + CUDA graphs; hf: eager Transformers),
+the autoregressive step at several context lengths, verify and draft time per block size, the
+whole cycle inside the real decoding loop, c(b) = cycle / AR step, and projected tokens/s at
+a given tau. Models are the Qwen3-4B target shape with random bf16 weights and the real 4B
+draft config. Then end to end on the embedded tiny pair (real tau). Writes JSON + Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..decoding.loop import SpeculativeDecoder
+from ..model.draft import DFlashDraft
+from ..errors import UserError, run_cli
+from ..runlog import atomic_write_json, atomic_write_text
+
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True)
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=1e6,
+            max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True)
+DRAFT_4B = Path(__file__).parent / "configs" / "qwen3-4b-dflash-b16.config.json"
+
+
+def _cell(value) -> str:
+    """A table cell: 2 decimals, or '-' where an engine did not time that case."""
+    return "-" if value is None else f"{value:.2f}"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, iters: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in ms, synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, gib: float = 2.0) -> float:
+    """Device-to-device copy rate in bytes/s, counting read + write."""
+    n = int(gib * 2**30) // 2
+    x = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x), device, iters=10)
+    return 2 * x.numel() * 2 / (ms / 1000)
+
+
+def build_models(shape: dict, device, dtype):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        target = Qwen3ForCausalLM(cfg).to(dtype).eval()
+    draft_cfg = json.loads(DRAFT_4B.read_text())
+    n_layers = shape["num_hidden_layers"]
+    draft_cfg.update({k: shape[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                            "num_key_value_heads", "head_dim", "vocab_size")})
+    draft_cfg["num_target_layers"] = n_layers
+    if n_layers != 36:
+        draft_cfg["dflash_config"]["target_layer_ids"] = [1, n_layers // 2, n_layers - 3]
+        draft_cfg["num_hidden_layers"] = 3
+    draft_cfg["dflash_config"]["mask_token_id"] = shape["vocab_size"] - 1
+    with torch.device(device):
+        draft = DFlashDraft.from_config(draft_cfg).to(dtype).eval()
+        draft.inv_freq = draft.inv_freq.float()
+    with torch.no_grad():  # random but well-scaled weights
+        for p in list(target.parameters()) + list(draft.parameters()):
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    return target, draft
+
+
+def weight_bytes(module) -> int:
+    seen, total = set(), 0
+    for p in module.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+@torch.inference_mode()
+def measure_engine(name, target, draft, device, contexts, block_sizes, iters, loop_tokens, tau):
+    dec = SpeculativeDecoder(target, draft, engine=name)
+    cap = max(contexts) + loop_tokens + 2 * max(block_sizes) + 64
+    dec.reserve(cap)
+    tgt, drf = dec.engines.target_engine, dec.engines.draft_engine
+    vocab = target.config.vocab_size
+    kv = (lambda n: n) if name == "hf" or not dec.graphs else (lambda n: None)
+    out = {"engine": name, "ar_step_ms": {}, "verify_ms": {}, "draft_ms": {}, "cycle_ms": {}}
+    c_ref = contexts[0]
+    for c in contexts:
+        ids = torch.randint(0, vocab - 2, (1, c), device=device)
+        tgt.forward(ids, torch.arange(c, device=device), kv_len=c)
+        tok = ids[:, -1:]
+        pos = torch.tensor([c], device=device)
+        out["ar_step_ms"][c] = time_ms(lambda: tgt.forward(tok, pos, kv_len=kv(c + 1)), device, iters)
+    ids = torch.randint(0, vocab - 2, (1, c_ref), device=device)
+    _, feats = tgt.forward(ids, torch.arange(c_ref, device=device), kv_len=c_ref)
+    drf.append_context(feats, torch.arange(c_ref, device=device))
+    for b in block_sizes:
+        block = torch.randint(0, vocab - 2, (1, b), device=device)
+        pos = torch.arange(c_ref, c_ref + b, device=device)
+        out["verify_ms"][b] = time_ms(lambda: tgt.forward(block, pos, kv_len=kv(c_ref + b)),
+                                      device, iters)
+        f = feats[:, :b]
+
+        def draft_step():
+            drf.append_context(f, pos)
+            drf.propose_logits(block, pos, kv_len=kv(c_ref + b))
+
+        out["draft_ms"][b] = time_ms(draft_step, device, iters)
+    prompt = torch.randint(0, vocab - 2, (1, c_ref), device=device)
+    for b in [1] + list(block_sizes):
+        dec.generate(prompt, 8, block_size=b)  # warm (captures graphs for this block size)
+        res = dec.generate(prompt, loop_tokens, block_size=b)
+        cycles = [c.cycle_s for c in res.cycles]
+        out["cycle_ms"][b] = 1000 * statistics.median(cycles)
+    ar = out["cycle_ms"][1]
+    out["c_of_b"] = {b: out["cycle_ms"][b] / ar for b in block_sizes}
+    big = max(block_sizes)
+    out["projected_tokens_per_s"] = {"tau": tau, "block_size": big,
+                                     "value": 1000 * tau / out["cycle_ms"][big],
+                                     "baseline": 1000 / ar}
+    del dec, tgt, drf
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+@torch.inference_mode()
+def embedded_end_to_end(device, dtype, engines, n_prompts, max_new):
+    from . import common as bench
+    from ..datasets import load_prompts
+
+    pair = bench.load_pair("embedded", "embedded", device, str(dtype).replace("torch.", ""))
+    prompts, _ = load_prompts("builtin-code", n_prompts)
+    stops = bench.stop_token_ids(pair)
+    encoded = [torch.tensor([bench.encode_chat(pair.tokenizer, [{"role": "user", "content": p["turns"][0]}])],
+                            device=device) for p in prompts]
+    results = {}
+    for name in engines:
+        dec = SpeculativeDecoder(pair.target, pair.draft, engine=name)
+        dec.reserve(max(e.shape[1] for e in encoded) + max_new + 64)
+        for b in (1, pair.draft.block_size):
+            dec.generate(encoded[0], 16, block_size=b, stop_token_ids=stops)
+        row = {}
+        outs = {}
+        for b in (1, pair.draft.block_size):
+            gens = [dec.generate(e, max_new, block_size=b, stop_token_ids=stops) for e in encoded]
+            tokens = sum(g.num_tokens for g in gens)
+            wall = sum(g.total_s for g in gens)
+            cyc = sum(len(g.cycles) for g in gens)
+            row[b] = {"tokens_per_s": tokens / wall, "tpot_ms": 1000 * sum(g.decode_s for g in gens)
+                      / max(1, tokens - len(gens)),
+                      "tau": sum(c.tau for g in gens for c in g.cycles) / max(1, cyc)}
+            outs[b] = [g.output_ids for g in gens]
+        same = [a == b for a, b in zip(outs[1], outs[pair.draft.block_size])]
+        firsts = []
+        for a, b in zip(outs[1], outs[pair.draft.block_size]):
+            d = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            if d is None and len(a) != len(b):
+                d = min(len(a), len(b))
+            firsts.append(d)
+        results[name] = {"modes": row, "speedup": row[pair.draft.block_size]["tokens_per_s"]
+                         / row[1]["tokens_per_s"], "identical_share": sum(same) / len(same),
+                         "first_divergence": firsts}
+    return results
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# Decoding engine performance ({report['shape']} target, {env['gpu_name']})", "",
+             f"Date {report['date']}; torch {env['torch_version']}, CUDA {env['cuda_version']}, "
+             f"transformers {env['transformers_version']}. Command: `{report['command']}`.", "",
+             f"- copy bandwidth (read+write): {report['copy_bandwidth_tb_s']:.2f} TB/s",
+             f"- target weights: {report['target_weight_gb']:.2f} GB -> floor per step "
+             f"{report['floor_ms']:.2f} ms; draft + LM head: {report['draft_weight_gb']:.2f} GB "
+             f"-> {report['draft_floor_ms']:.2f} ms", ""]
+    engines = report["engines"]
+    names = [e["engine"] for e in engines]
+    lines += ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for c in engines[0]["ar_step_ms"]:
+        lines.append(f"| AR step, context {c} (ms) | " +
+                     " | ".join(_cell(e['ar_step_ms'].get(c)) for e in engines) + " |")
+    for key, label in (("verify_ms", "verify"), ("draft_ms", "draft"), ("cycle_ms", "loop cycle")):
+        for b in engines[0][key]:
+            lines.append(f"| {label} b={b} (ms) | " +
+                         " | ".join(_cell(e[key].get(b)) for e in engines) + " |")
+    for b in engines[0]["c_of_b"]:
+        lines.append(f"| c({b}) = cycle / AR step | " +
+                     " | ".join(_cell(e['c_of_b'].get(b)) for e in engines) + " |")
+    lines.append(f"| projected tok/s at tau {engines[0]['projected_tokens_per_s']['tau']} | " +
+                 " | ".join(f"{e['projected_tokens_per_s']['value']:.0f}" for e in engines) + " |")
+    lines.append("| AR baseline tok/s (loop) | " +
+                 " | ".join(f"{e['projected_tokens_per_s']['baseline']:.0f}" for e in engines) + " |")
+    if len(engines) > 1:
+        b = max(engines[0]["cycle_ms"])
+        lines += ["", f"Cycle speed-up of {names[0]} over {names[1]} at b={b}: "
+                  f"{engines[1]['cycle_ms'][b] / engines[0]['cycle_ms'][b]:.1f}x"]
+    if report.get("embedded"):
+        lines += ["", "## End to end, embedded tiny pair (builtin-code, greedy)", "",
+                  "| engine | AR tok/s | DFlash tok/s | speedup | tau | identical to AR |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in report["embedded"].items():
+            m = r["modes"]
+            bs = max(m)
+            lines.append(f"| {name} | {m[1]['tokens_per_s']:.0f} | {m[bs]['tokens_per_s']:.0f} | "
+                         f"{r['speedup']:.2f}x | {m[bs]['tau']:.2f} | "
+                         f"{100 * r['identical_share']:.0f}% (first divergences {r['first_divergence']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dflash.perf", description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=["qwen3-4b", "tiny"], default="qwen3-4b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--engines", default="fast,hf")
+    p.add_argument("--contexts", default="512,1024,2048")
+    p.add_argument("--block-sizes", default=",".join(str(b) for b in range(2, 17)))
+    p.add_argument("--hf-block-sizes", default="2,4,8,16", help="block sizes timed for the slow hf path")
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--loop-tokens", type=int, default=48)
+    p.add_argument("--tau", type=float, default=7.47, help="acceptance length for the projection")
+    p.add_argument("--skip-embedded", action="store_true")
+    p.add_argument("--only-embedded", action="store_true", help="skip the random-weight engine timings")
+    p.add_argument("--embedded-prompts", type=int, default=8)
+    p.add_argument("--embedded-max-new", type=int, default=256)
+    p.add_argument("--out-dir", default="outputs/perf")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("python -m dflash.perf needs a CUDA GPU", "run it on a GPU machine, or --device cpu --shape tiny")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from .common import environment_info
+
+    report = {"command": "python -m dflash.perf " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "shape": args.shape,
+              "environment": environment_info(device)}
+    bw = copy_bandwidth(device, 2.0 if device.type == "cuda" else 0.25)
+    report["engines"] = []
+    if args.only_embedded:
+        report["embedded"] = embedded_end_to_end(device, dtype, args.engines.split(","),
+                                                 args.embedded_prompts, args.embedded_max_new)
+        atomic_write_json(Path(args.out_dir) / "perf_embedded.json", report)
+        print(json.dumps(report["embedded"], indent=1))
+        return 0
+    target, draft = build_models(QWEN3_4B if args.shape == "qwen3-4b" else TINY, device, dtype)
+    t_bytes = weight_bytes(target)
+    d_bytes = weight_bytes(draft) + target.lm_head.weight.numel() * target.lm_head.weight.element_size()
+    report.update(copy_bandwidth_tb_s=bw / 1e12, target_weight_gb=t_bytes / 1e9,
+                  draft_weight_gb=d_bytes / 1e9, floor_ms=1000 * t_bytes / bw,
+                  draft_floor_ms=1000 * d_bytes / bw)
+    print(f"copy {bw / 1e12:.2f} TB/s; floor {report['floor_ms']:.2f} ms/step", flush=True)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    report["engines"] = []
+    for name in args.engines.split(","):
+        sizes = [int(b) for b in (args.block_sizes if name != "hf" else args.hf_block_sizes).split(",")]
+        t0 = time.time()
+        r = measure_engine(name, target, draft, device, contexts, sizes,
+                           args.iters if name != "hf" else max(3, args.iters // 6),
+                           args.loop_tokens if name != "hf" else 16, args.tau)
+        r["measure_s"] = time.time() - t0
+        report["engines"].append(r)
+        print(f"{name}: AR {r['ar_step_ms']} ms; cycle {r['cycle_ms']}; c(b) "
+              f"{ {b: round(v, 2) for b, v in r['c_of_b'].items()} }; "
+              f"projected {r['projected_tokens_per_s']['value']:.0f} tok/s ({r['measure_s']:.0f} s)",
+              flush=True)
+    del target, draft
+    out = Path(args.out_dir)
+    atomic_write_json(out / "perf.json", report)  # the engine table survives a failure below
+    if not args.skip_embedded:
+        report["embedded"] = embedded_end_to_end(device, dtype, args.engines.split(","),
+                                                 args.embedded_prompts, args.embedded_max_new)
+    out = Path(args.out_dir)
+    atomic_write_json(out / "perf.json", report)
+    md = markdown(report)
+    atomic_write_text(out / "PERFORMANCE.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

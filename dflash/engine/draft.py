@@ -1,0 +1,132 @@
+"""``DraftEngine``: the draft's forward over a static cache of projected context keys/values.
+
+The target's features are projected once per position into every layer's key/value cache
+(``append_context``); a block ``[last, MASK...]`` then attends over that cache plus itself
+(``propose_logits``). Fused math and CUDA graphs as for the target (``engine/graphs.py``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model.draft import DFlashDraft
+from ..model.ops import rope_cos_sin
+from .cuda.kernels import attention_supported, decode_attention, linear
+from .cuda.layer import fused_layers, layer_kernels_enabled, layer_supported
+from .graphs import FusedLayer, GraphCache, draft_context_kv, maybe_compile, post_attention, pre_attention
+
+
+class DraftEngine:
+    """Draft forward over a static cache of projected context keys/values."""
+
+    def __init__(self, draft: DFlashDraft, embed, lm_head, capacity: int, *,
+                 fused: bool = False, compile: bool = False, graphs: bool = False):
+        self.draft, self.embed, self.lm_head = draft, embed, lm_head
+        cfg = draft.config
+        self.eps = cfg.rms_norm_eps
+        self.n_heads, self.n_kv, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                  cfg.head_dim)
+        self.fused = fused
+        if fused:
+            self.fused_layers = [FusedLayer(l, self.n_heads, self.n_kv, self.head_dim)
+                                 for l in draft.layers]
+            self._pre = maybe_compile(pre_attention, compile)
+            self._post = maybe_compile(post_attention, compile)
+            self._ctx_kv = maybe_compile(draft_context_kv, compile)
+            attns = [l.self_attn for l in draft.layers]
+            self._wkv = [torch.cat([a.k_proj.weight, a.v_proj.weight]).detach() for a in attns]
+            self._kn = [a.k_norm.weight.detach() for a in attns]
+            self._fused_ctx = not cfg.attention_bias
+        self.graphs = graphs
+        self._graphed_append = GraphCache(self._append_context, graphs)
+        self._graphed_propose = GraphCache(lambda ids, pos: self._propose_logits(ids, pos, None),
+                                           graphs)
+        self.device, self.dtype = draft.device, draft.dtype
+        self.capacity = capacity
+        shape = (1, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in draft.layers]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in draft.layers]
+        positions = torch.arange(capacity, device=self.device)
+        self.cos, self.sin = rope_cos_sin(draft.inv_freq, positions, self.dtype)
+        self.slots = positions
+
+    def append_context(self, features: torch.Tensor, positions: torch.Tensor) -> None:
+        """Project target features [1, n, n_f*H] at ``positions`` [n] into every layer's cache."""
+        if self.graphs and features.shape[1] <= 64:  # per-cycle appends; the prompt runs eagerly
+            self._graphed_append(features, positions)
+        else:
+            self._append_context(features, positions)
+
+    def propose_logits(self, block_ids: torch.Tensor, positions: torch.Tensor,
+                       kv_len: int | None = None) -> torch.Tensor:
+        """Block ``[last, MASK...]`` [1, b] at ``positions`` [b] -> logits [1, b-1, V]."""
+        if self.graphs and kv_len is None:
+            return self._graphed_propose(block_ids, positions)
+        return self._propose_logits(block_ids, positions, kv_len)
+
+    def _append_context(self, features: torch.Tensor, positions: torch.Tensor):
+        cos, sin = self.cos[positions], self.sin[positions]
+        if self.fused and self._fused_ctx:
+            d = self.draft
+            kvs = self._ctx_kv(features.to(self.dtype), cos, sin, d.fc.weight, d.hidden_norm.weight,
+                               self._wkv, self._kn, n_kv=self.n_kv, head_dim=self.head_dim,
+                               eps=self.eps)
+            for i, (k, v) in enumerate(kvs):
+                self.k_cache[i].index_copy_(2, positions, k)
+                self.v_cache[i].index_copy_(2, positions, v)
+            return
+        ctx = self.draft.project_context(features.to(self.dtype))
+        for i, layer in enumerate(self.draft.layers):
+            k, v = layer.self_attn.project_kv(ctx, cos, sin)
+            self.k_cache[i].index_copy_(2, positions, k)
+            self.v_cache[i].index_copy_(2, positions, v)
+
+    def _propose_logits(self, block_ids: torch.Tensor, positions: torch.Tensor,
+                        kv_len: int | None = None) -> torch.Tensor:
+        h = self.embed(block_ids).to(self.dtype)
+        t = block_ids.shape[1]
+        # graph mode (whole buffer): every query sees the whole block
+        lim = positions[-1:].expand(t).contiguous() if kv_len is None else None
+        # Decode-sized graph steps: the whole layer in Triton kernels (dflash/layer_kernels.py).
+        if (self.fused and lim is not None and layer_kernels_enabled()
+                and layer_supported(self.fused_layers[0], h[0], self.k_cache[0], self.cos)):
+            x, _ = fused_layers(h[0], self.fused_layers, self.draft.norm.weight, positions, lim,
+                                self.k_cache, self.v_cache, self.cos, self.sin,
+                                n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim,
+                                eps=self.eps)
+            return linear(x[1:].to(self.lm_head.weight.dtype), self.lm_head.weight)[None]
+        cos, sin = self.cos[positions], self.sin[positions]
+        if kv_len is None:  # positional mask over the whole buffer (all queries alike)
+            kv_len = self.capacity
+            mask = (self.slots <= positions[-1])[None, None, None]
+        else:
+            mask = None
+        for i, layer in enumerate(self.draft.layers):
+            attn = layer.self_attn
+            if self.fused:
+                fl = self.fused_layers[i]
+                q, k, v = self._pre(h, cos[None, None], sin[None, None], fl.ln1, fl.wqkv, fl.bqkv,
+                                    fl.qn, fl.kn, sizes=fl.sizes, n_heads=self.n_heads,
+                                    n_kv=self.n_kv, head_dim=self.head_dim, eps=self.eps)
+            else:
+                x = layer.input_layernorm(h)
+                q = attn.project_q(x, cos, sin)
+                k, v = attn.project_kv(x, cos, sin)
+            self.k_cache[i].index_copy_(2, positions, k)
+            self.v_cache[i].index_copy_(2, positions, v)
+            keys, values = self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len]
+            if self.fused:
+                if lim is not None and attention_supported(q, self.k_cache[i]):
+                    out = decode_attention(q, self.k_cache[i], self.v_cache[i], lim)
+                else:
+                    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                         enable_gqa=self.n_heads != self.n_kv)
+                    out = out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
+                h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps,
+                               gu_chunk=fl.gu_chunk)
+            else:
+                h = h + attn.attend(q, keys, values, mask)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.draft.norm(h[:, 1:])
+        h = h.to(self.lm_head.weight.dtype)
+        return linear(h, self.lm_head.weight) if self.fused else self.lm_head(h)

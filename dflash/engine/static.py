@@ -1,0 +1,169 @@
+"""The target's forward pass over a preallocated (static) KV cache.
+
+The target engine runs the Hugging Face model's own modules (norms, projections, MLPs, rotary
+table) layer by layer, writing keys/values into fixed buffers at explicit positions. Because a
+query at position p only sees cache slots <= p, rolling back a rejected suffix is free: the
+stale slots are overwritten before anything can see them. Every forward is a pure function of
+(token ids, positions) plus the cache, so on CUDA it can be captured once per shape as a CUDA
+graph and replayed (see ``engine/graphs.py``); on CPU it runs eagerly, same code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..model.ops import rope, rope_cos_sin
+from .graphs import FusedLayer, GraphCache, maybe_compile, post_attention, pre_attention
+from .cuda.kernels import attention_supported, decode_attention, linear
+from .cuda.layer import fused_layers, layer_kernels_enabled, layer_supported
+
+_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def decoder_parts(model):
+    """(embed, layers, final_norm, lm_head, rotary) of an HF Qwen3/Llama-style causal LM."""
+    inner = model.model if hasattr(model, "model") else model.base_model
+    return inner.embed_tokens, inner.layers, inner.norm, model.lm_head, inner.rotary_emb
+
+
+class StaticTargetEngine:
+    """Target forward over a static KV cache; returns logits and selected-layer features."""
+
+    name = "static"
+
+    def __init__(self, model, feature_layer_ids: list[int], capacity: int, *, fused: bool = False,
+                 compile: bool = False, graphs: bool = False):
+        self.model = model
+        self.embed, self.layers, self.norm, self.lm_head, rotary = decoder_parts(model)
+        cfg = text_config(model)
+        self.eps = getattr(cfg, "rms_norm_eps", 1e-6)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.feature_layer_ids = list(feature_layer_ids)
+        self._wanted = set(self.feature_layer_ids)
+        weight = self.embed.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.capacity = capacity
+        shape = (1, self.n_kv, capacity, self.head_dim)
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        # The rotary table for every slot, computed once by the model's own rotary module.
+        positions = torch.arange(capacity, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        cos, sin = rotary(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]
+        self.slots = torch.arange(capacity, device=self.device)
+        # Fast path (CUDA): fused GEMMs, compiled elementwise math, one CUDA graph per shape.
+        self.fused = fused and getattr(cfg, "hidden_act", "silu") == "silu"
+        if self.fused:
+            self.fused_layers = [FusedLayer(l, self.n_heads, self.n_kv, self.head_dim)
+                                 for l in self.layers]
+            self._pre = maybe_compile(pre_attention, compile)
+            self._post = maybe_compile(post_attention, compile)
+        self.graphs = graphs
+        self._graphed = GraphCache(lambda ids, pos: self._forward(ids, pos, None), graphs)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
+                cache_slots: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None):
+        """See ``_forward``. With graphs on, plain steps replay a CUDA graph per token count."""
+        if self.graphs and cache_slots is None and kv_len is None:
+            return self._graphed(input_ids, positions)
+        return self._forward(input_ids, positions, kv_len, cache_slots, tree_mask)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
+                 cache_slots: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None):
+        """input_ids [1, T] at ``positions`` [T] -> (logits [1, T, V], features [1, T, n_f*H]).
+
+        ``kv_len`` (eager only) limits attention to the first kv_len slots; None (graph mode)
+        attends over the whole buffer with a positional mask. For tree verification, tokens
+        may share positions: ``cache_slots`` [T] (contiguous, ascending) says where their keys
+        go, and ``tree_mask`` [T, T] (bool, True = may attend) which new tokens see each other;
+        every slot before ``cache_slots[0]`` is committed context and visible to all.
+        """
+        whole_buffer = kv_len is None and cache_slots is None
+        kv_len = self.capacity if kv_len is None else kv_len
+        h = self.embed(input_ids)
+        # Decode-sized graph steps: the whole layer in Triton kernels (dflash/layer_kernels.py).
+        if (self.fused and whole_buffer and layer_kernels_enabled()
+                and layer_supported(self.fused_layers[0], h[0], self.k_cache[0], self.cos)):
+            x, captured = fused_layers(h[0], self.fused_layers, self.norm.weight, positions,
+                                       positions, self.k_cache, self.v_cache, self.cos, self.sin,
+                                       capture=self._wanted, n_heads=self.n_heads, n_kv=self.n_kv,
+                                       head_dim=self.head_dim, eps=self.eps)
+            feats = torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
+            return linear(x, self.lm_head.weight)[None], feats[None]
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+        if cache_slots is None:
+            cache_slots = positions
+            mask = (self.slots[:kv_len][None, :] <= positions[:, None])[None, None]
+        else:
+            keys = self.slots[:kv_len]
+            mask = (keys[None, :] < cache_slots[0]).expand(len(cache_slots), -1).clone()
+            rel = keys - cache_slots[0]
+            inside = (rel >= 0) & (rel < len(cache_slots))
+            mask[:, inside] = tree_mask[:, rel[inside]]
+            mask = mask[None, None]
+        captured = {}
+        t = input_ids.shape[1]
+        for i, layer in enumerate(self.layers):
+            if self.fused:
+                fl = self.fused_layers[i]
+                q, k, v = self._pre(h, cos, sin, fl.ln1, fl.wqkv, fl.bqkv, fl.qn, fl.kn,
+                                    sizes=fl.sizes, n_heads=self.n_heads, n_kv=self.n_kv,
+                                    head_dim=self.head_dim, eps=self.eps)
+            else:
+                q, k, v = self._pre_attention_modules(layer, h, cos, sin)
+            self.k_cache[i].index_copy_(2, cache_slots, k)
+            self.v_cache[i].index_copy_(2, cache_slots, v)
+            if self.fused and whole_buffer and attention_supported(q, self.k_cache[i]):
+                out = decode_attention(q, self.k_cache[i], self.v_cache[i], positions)
+            elif self.fused and kv_len == t and q.is_cuda:
+                # A fresh prompt: plain causal attention. cuDNN is skipped because it builds
+                # a new plan (~70 ms) for every prompt length, which lands in TTFT.
+                with sdpa_kernel(_PREFILL_BACKENDS):
+                    out = F.scaled_dot_product_attention(
+                        q, self.k_cache[i][:, :, :t], self.v_cache[i][:, :, :t], is_causal=True,
+                        enable_gqa=self.n_heads != self.n_kv)
+                out = out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len],
+                    attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+                out = out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
+            if self.fused:
+                fl = self.fused_layers[i]
+                h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps,
+                               gu_chunk=fl.gu_chunk)
+            else:
+                attn = layer.self_attn
+                h = h + attn.o_proj(out)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if i in self._wanted:
+                captured[i] = h
+        h = self.norm(h)
+        logits = linear(h, self.lm_head.weight) if self.fused else self.lm_head(h)
+        return logits, torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
+
+    def _pre_attention_modules(self, layer, h, cos, sin):
+        """The model's own modules (exact HF numerics; used on CPU and by the tests)."""
+        attn, t = layer.self_attn, h.shape[1]
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(1, t, self.n_heads, self.head_dim)
+        k = attn.k_proj(x).view(1, t, self.n_kv, self.head_dim)
+        v = attn.v_proj(x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return rope(q.transpose(1, 2), cos, sin), rope(k.transpose(1, 2), cos, sin), v
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy cached keys/values from slots ``src`` to ``dst`` (committing a tree path)."""
+        for k, v in zip(self.k_cache, self.v_cache):
+            k.index_copy_(2, dst, k.index_select(2, src))
+            v.index_copy_(2, dst, v.index_select(2, src))
