@@ -4,8 +4,8 @@ Runs the greedy decoding loop of ``SpeculativeDecoder.generate`` with timers aro
 stage (draft forward, target verify, acceptance + host read, draft context append,
 bookkeeping) and the plain autoregressive step on the same engine, interleaved prompt by
 prompt in one process, and prints each stage in milliseconds and in autoregressive steps.
-``--draft-engines generic cpu`` compares ``engine.DraftEngine`` with
-``cpu_engine.CpuDraftEngine`` (what the CPU static engine now uses) side by side.
+``--draft-engines generic cpu`` compares ``engine.draft.DraftEngine`` with
+``engine.cpu.CpuDraftEngine`` (what the CPU static engine now uses) side by side.
 
 Timers read this thread's CPU time by default (``--clock thread``): with one torch thread
 that is the work done, unaffected by other jobs taking the core away (they still pollute

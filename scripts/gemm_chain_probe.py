@@ -73,7 +73,7 @@ def _gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split,
                  SPLIT: tl.constexpr, PARTIAL: tl.constexpr, SWIGLU: tl.constexpr,
                  TILED: tl.constexpr, EVICT: tl.constexpr, WAIT_IN_LOOP: tl.constexpr,
                  X_AHEAD: tl.constexpr, PDL: tl.constexpr):
-    """The engine's skinny GEMM loop (dflash/kernels.py) with the probe's options."""
+    """The engine's skinny GEMM loop (dflash/engine/cuda/kernels.py) with the probe's options."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -154,7 +154,7 @@ def _gemm_regpipe_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split,
     _store_out(acc, out_ptr, pid_n, pid_k, M, N, BLOCK_M, BLOCK_N, PARTIAL, SWIGLU)
 
 
-# name -> options of the probe kernels; "engine" is the engine's own launch (layer_kernels._gemm)
+# name -> options of the probe kernels; "engine" is the engine's own launch (dflash.engine.cuda.layer._gemm)
 VARIANTS = {
     "engine": None,
     "tiled": dict(tiled=True), "evict": dict(evict=True), "tiled+evict": dict(tiled=True, evict=True),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run that builds the embedded pair end to end (one GPU, 4-8 minutes):
 #
-#   OUT=/some/folder bash scripts/train_embedded.sh [extra make_embedded options]
+#   OUT=/some/folder bash scripts/train_embedded.sh [extra dflash.training.make_embedded options]
 #
 # The committed pair came from two such runs on an H100 (see the model cards):
 #   models/tiny-target: OUT=$OUT PYTHON=python3 bash scripts/train_embedded.sh
