@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..model.draft import DFlashDraft
 from .fused_cycle import GreedyCycle, fused_cycle_enabled
 from .result import BlockPolicy, CycleStat, FixedPolicy, GenerationResult, emit
-from .sampling import choose, greedy_accept, probs_at, speculative_accept
+from .sampling import check_sampling, choose, greedy_accept, probs_at, speculative_accept
 
 
 def _checked_size(b, draft) -> int:
@@ -87,7 +87,8 @@ class SpeculativeDecoder:
                  stop_token_ids=None, block_size: int | None = None,
                  policy: BlockPolicy | None = None, generator: torch.Generator | None = None,
                  collect_profile: bool = False, max_block_size: int | None = None,
-                 draft_block_size: int | None = None) -> GenerationResult:
+                 draft_block_size: int | None = None, top_p: float = 1.0,
+                 top_k: int = 0) -> GenerationResult:
         """Generate up to ``max_new_tokens`` after ``input_ids`` [1, P] (or [P]).
 
         ``draft_block_size`` (truncation mode): a cycle of block size ``b`` smaller than it
@@ -95,16 +96,19 @@ class SpeculativeDecoder:
         trained at) and verifies only its first ``b`` (anchor + first ``b-1`` proposals), so
         a small block is a prefix of the large one instead of a weaker draft. ``None``: the
         draft runs natively at ``b``. Lossless either way: each position's proposal is drawn
-        independently, so the verified prefix is distributed as its own marginals."""
+        independently, so the verified prefix is distributed as its own marginals.
+
+        ``top_p`` / ``top_k`` (temperature > 0; ignored when greedy) filter target and draft
+        alike (``dflash.decoding.sampling.probs_at``); emitted tokens follow the filtered target
+        distribution exactly. The defaults (1.0, 0) are the unfiltered path, unchanged."""
         if policy is None:
             policy = FixedPolicy(block_size or (self.draft.block_size if self.draft else 1))
-        if temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {temperature}")
+        temperature, top_p, top_k = check_sampling(temperature, top_p, top_k)
         ids = input_ids.reshape(-1).to(self.device)
         prompt_len = ids.numel()
         if max_new_tokens <= 0:
             return GenerationResult(output_ids=[], prompt_len=prompt_len, ttft_s=0.0, total_s=0.0)
-        stops = set(int(s) for s in (stop_token_ids or []))
+        stops = set(int(s) for s in (stop_token_ids if stop_token_ids is not None else []))
         biggest = max_block_size or getattr(policy, "max_block_size", None) or 64
         if draft_block_size is not None:
             if draft_block_size < 2:
@@ -123,7 +127,7 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         positions = torch.arange(prompt_len, device=self.device)
         logits, feats = target.forward(ids[None], positions, kv_len=prompt_len)  # prefill: eager
-        last = choose(logits[0, -1:], temperature, generator)  # [1]
+        last = choose(logits[0, -1:], temperature, generator, top_p, top_k)  # [1]
         first = int(last.item())
         ttft = time.perf_counter() - t0
         output = [first]
@@ -180,7 +184,7 @@ class SpeculativeDecoder:
                 if greedy:
                     proposals = d_logits.argmax(dim=-1)
                 else:
-                    q = probs_at(d_logits, temperature)
+                    q = probs_at(d_logits, temperature, top_p, top_k)
                     proposals = torch.multinomial(q, 1, generator=generator).squeeze(-1)
                 verify_ids = torch.cat([last, proposals])[None]
             else:
@@ -193,10 +197,10 @@ class SpeculativeDecoder:
             if greedy:
                 accepted, nxt = greedy_accept(proposals, t_logits)
             else:
-                accepted, nxt = speculative_accept(proposals, q if b > 1 else None,
-                                                   probs_at(t_logits, temperature), generator) \
+                accepted, nxt = speculative_accept(
+                    proposals, q, probs_at(t_logits, temperature, top_p, top_k), generator) \
                     if b > 1 else (torch.zeros((), dtype=torch.int64, device=self.device),
-                                   choose(t_logits, temperature, generator))
+                                   choose(t_logits, temperature, generator, top_p, top_k))
             if timer:
                 ev.append(timer.mark())
             if pending is not None:

@@ -60,6 +60,11 @@ accepted from another round) is fine, because that event involves its depth-<d t
 (With an autoregressive draft the same holds if ``q_i^d`` is the branch's own conditional, which
 for an alive branch is the conditional given the accepted prefix; DFlash needs no such care.)
 
+Top-p / top-k (``generate(top_p=, top_k=)``): ``p`` (every node's, in the tree) and every
+``q_i`` are the filtered distributions of ``dflash.decoding.sampling.probs_at``. Nothing above
+asks anything of the ``q_i`` beyond being what the tokens were drawn from, so both modes emit
+the filtered target's law exactly.
+
 After the walk the accepted path's target KV is copied to contiguous slots (``move_slots``) and
 its target features are appended to the draft's context, exactly as a linear cycle would.
 """
@@ -73,7 +78,7 @@ import torch
 from ..engine.select import Engines, synchronize
 from ..errors import UserError
 from .result import CycleStat, GenerationResult, emit
-from .sampling import multiround_accept, probs_at
+from .sampling import check_sampling, multiround_accept, probs_at
 
 MODES = ("faithful", "tree")
 
@@ -100,10 +105,11 @@ class MultiRoundResult(GenerationResult):
         return list(self.round_accepts) + [self.residual_draws, self.bonus_draws]
 
 
-def token_dist(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Sampling distribution at ``temperature``; one-hot argmax at temperature 0."""
+def token_dist(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+               top_k: int = 0) -> torch.Tensor:
+    """(Filtered) sampling distribution at ``temperature``; one-hot argmax at temperature 0."""
     if temperature > 0:
-        return probs_at(logits, temperature)
+        return probs_at(logits, temperature, top_p, top_k)
     out = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
     return out.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
 
@@ -337,9 +343,14 @@ class MultiRoundDecoder:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 stop_token_ids=None, generator: torch.Generator | None = None) -> MultiRoundResult:
-        if temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {temperature}")
+                 stop_token_ids=None, generator: torch.Generator | None = None,
+                 top_p: float = 1.0, top_k: int = 0) -> MultiRoundResult:
+        """``top_p`` / ``top_k`` filter the target's ``p`` and every round's ``q_i`` alike
+        (both modes): the identity above holds for any ``q_i``, so the emitted tokens follow
+        the filtered target distribution; a filtered-out proposal has ``r = 0`` there and is
+        always rejected. Ignored at temperature 0 (greedy)."""
+        temperature, top_p, top_k = check_sampling(temperature, top_p, top_k)
+        dist = lambda logits: token_dist(logits, temperature, top_p, top_k)  # noqa: E731
         ids = input_ids.reshape(-1).to(self.device)
         prompt_len = ids.numel()
         k = len(self.sizes)
@@ -355,7 +366,7 @@ class MultiRoundDecoder:
         t0 = time.perf_counter()
         positions = torch.arange(prompt_len, device=self.device)
         logits, feats = target.forward(ids[None], positions, kv_len=prompt_len)
-        last = torch.multinomial(token_dist(logits[0, -1], temperature), 1, generator=generator)
+        last = torch.multinomial(dist(logits[0, -1]), 1, generator=generator)
         first = int(last.item())
         res.ttft_s = time.perf_counter() - t0
         res.target_passes = 1
@@ -366,7 +377,7 @@ class MultiRoundDecoder:
         step = self._faithful_step if self.mode == "faithful" else self._tree_step
         while not stopped and len(output) < max_new_tokens:
             c0 = time.perf_counter()
-            new_tokens, last, start = step(target, draft, last, start, temperature, generator, res)
+            new_tokens, last, start = step(target, draft, last, start, dist, generator, res)
             res.target_passes += 1
             stopped = emit(output, new_tokens, stops, max_new_tokens)
             res.cycles.append(CycleStat(block_size=self.sizes[0] if self.mode == "tree" else 1,
@@ -377,13 +388,12 @@ class MultiRoundDecoder:
         res.stopped = stopped
         return res
 
-    def _faithful_step(self, target, draft, last, start, temperature, generator, res):
+    def _faithful_step(self, target, draft, last, start, dist, generator, res):
         """One token: k draft passes (slot 1 of each block size), one target pass."""
-        qs = [token_dist(self._draft_block(draft, last, start, b)[0], temperature)
-              for b in self.sizes]
+        qs = [dist(self._draft_block(draft, last, start, b)[0]) for b in self.sizes]
         pos = torch.arange(start, start + 1, device=self.device)
         t_logits, t_feats = target.forward(last[None], pos, kv_len=None if self.graphs else start + 1)
-        p = token_dist(t_logits[0, 0], temperature)
+        p = dist(t_logits[0, 0])
         tok, j = multiround_accept(p, qs, generator)
         k = len(qs)
         for i in range(min(j, k)):
@@ -395,11 +405,11 @@ class MultiRoundDecoder:
         draft.append_context(t_feats, pos)
         return [tok], torch.tensor([tok], dtype=last.dtype, device=self.device), start + 1
 
-    def _tree_step(self, target, draft, last, start, temperature, generator, res):
+    def _tree_step(self, target, draft, last, start, dist, generator, res):
         """One cycle: k draft passes, one tree verify, a multi-round walk, KV/feature commit."""
         branch_probs, samples = [], []
         for b in self.sizes:
-            q = token_dist(self._draft_block(draft, last, start, b), temperature)  # [b-1, V]
+            q = dist(self._draft_block(draft, last, start, b))  # [b-1, V]
             branch_probs.append(q)
             samples.append(torch.multinomial(q, 1, generator=generator).squeeze(-1))
         flat = torch.cat([last] + samples).tolist()  # the cycle's first host read
@@ -416,7 +426,7 @@ class MultiRoundDecoder:
                                            cache_slots=slots,
                                            tree_mask=tree.attention_mask(self.device))
         res.tree_nodes += n
-        walk = walk_tree(tree, token_dist(t_logits[0], temperature), branch_probs, generator)
+        walk = walk_tree(tree, dist(t_logits[0]), branch_probs, generator)
         for i in range(len(self.sizes)):
             res.round_attempts[i] += walk.attempts[i]
             res.round_accepts[i] += walk.accepts[i]

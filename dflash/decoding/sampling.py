@@ -1,21 +1,82 @@
 """Token choice and exact speculative sampling (accept with min(1, p/q), residual on rejection).
 
 Everything here stays on the device: the decoding loop reads back one small tensor per cycle.
+
+Sampling filters (top-k, top-p) follow the upstream reference: logits / T; keep the ``top_k``
+largest (0 = all); softmax; keep the tokens whose cumulative probability *before* them is
+``< top_p`` (so the most likely token always stays); renormalise. Target and draft are
+filtered alike, and speculative sampling against the filtered target emits tokens with the
+filtered target's law exactly (the acceptance argument holds for any pair p, q).
+Ties are broken by token id (a stable sort: the lower id counts as larger), so the filtered
+distribution is a deterministic function of the logits on every device.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-
-def probs_at(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(logits.float() / temperature, dim=-1)
+from ..errors import UserError
 
 
-def choose(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
-    """Greedy argmax (temperature 0) or a sample at ``temperature``; logits [..., V] -> [...]."""
+def check_sampling(temperature, top_p=1.0, top_k=0):
+    """Validate sampling settings; one-line :class:`UserError` naming the bad option.
+
+    Returns ``(temperature, top_p, top_k)`` as ``(float, float, int)``."""
+    def number(value, flag):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise UserError(f"{flag} must be a number, got {value!r}")
+        return float(value)
+
+    t = number(temperature, "--temperature")
+    if not (math.isfinite(t) and t >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    p = number(top_p, "--top-p")
+    if not (0.0 < p <= 1.0):  # also refuses NaN
+        raise UserError(f"--top-p must be in (0, 1] (1 = off), got {top_p}")
+    if isinstance(top_k, bool) or not (isinstance(top_k, numbers.Integral) or (
+            isinstance(top_k, numbers.Real) and math.isfinite(top_k) and float(top_k).is_integer())):
+        raise UserError(f"--top-k must be an integer >= 0 (0 = off), got {top_k!r}")
+    k = int(top_k)
+    if k < 0:
+        raise UserError(f"--top-k must be an integer >= 0 (0 = off), got {top_k}")
+    return t, p, k
+
+
+def filters_active(vocab: int, top_p: float = 1.0, top_k: int = 0) -> bool:
+    """True when top-p / top-k change anything for a vocabulary of ``vocab`` tokens."""
+    return top_p < 1.0 or 0 < top_k < vocab
+
+
+def probs_at(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+             top_k: int = 0) -> torch.Tensor:
+    """The (filtered) sampling distribution at ``temperature`` > 0; logits [..., V] -> [..., V].
+
+    Without filters this is exactly ``softmax(logits / T)`` (the unfiltered path is unchanged)."""
+    scaled = logits.float() / temperature
+    vocab = scaled.shape[-1]
+    if not filters_active(vocab, top_p, top_k):
+        return torch.softmax(scaled, dim=-1)
+    # One stable descending sort serves both filters (ties: lower token id first); no host sync.
+    values, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    if 0 < top_k < vocab:
+        values, order = values[..., :top_k], order[..., :top_k]
+    kept = torch.softmax(values, dim=-1)
+    if top_p < 1.0:
+        before = kept.cumsum(dim=-1) - kept  # mass of the more likely tokens
+        kept = kept * (before < top_p)
+        kept = kept / kept.sum(dim=-1, keepdim=True)  # slot 0 always stays: sum > 0
+    return torch.zeros_like(scaled).scatter_(-1, order, kept)
+
+
+def choose(logits: torch.Tensor, temperature: float, generator=None, top_p: float = 1.0,
+           top_k: int = 0) -> torch.Tensor:
+    """Greedy argmax (temperature 0; filters ignored) or a sample from the filtered
+    distribution at ``temperature``; logits [..., V] -> [...]."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = probs_at(logits, temperature)
+    probs = probs_at(logits, temperature, top_p, top_k)
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
