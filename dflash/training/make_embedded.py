@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from . import evaluate as E
 from . import train_draft as T
+from .data import generate_data
 from . import train_target as TT
 from .synth_text import synth_examples
 
@@ -237,9 +239,9 @@ def main(argv=None) -> int:
         synth_prompts(args.n_chat_prompts, args.seed + 11)
     held_rows = code_prompts(py_held, args.n_heldout_code, args.seed + 20) + \
         synth_prompts(args.n_heldout_chat, args.seed + 21)
-    data = T.generate_data(target, tok, rows, args.gen_tokens, batch_size=args.gen_batch,
+    data = generate_data(target, tok, rows, args.gen_tokens, batch_size=args.gen_batch,
                            max_prompt_len=args.max_prompt_len, log=log)
-    held = T.generate_data(target, tok, held_rows, args.gen_tokens, batch_size=args.gen_batch,
+    held = generate_data(target, tok, held_rows, args.gen_tokens, batch_size=args.gen_batch,
                            max_prompt_len=args.max_prompt_len, log=log)
     torch.save(data, work / "draft_data.pt")
     torch.save(held, work / "draft_heldout.pt")
@@ -250,7 +252,7 @@ def main(argv=None) -> int:
         "train_sequences": len(data["sequences"]), "heldout_sequences": len(held["sequences"]),
         "response_tokens": int(sum(gen_lens)),
         "mean_prompt_tokens": round(sum(data["prompt_lens"]) / len(data["prompt_lens"]), 1),
-        "train_continuation_stats": T.continuation_stats(
+        "train_continuation_stats": E.continuation_stats(
             [s[p:] for s, p in zip(data["sequences"], data["prompt_lens"])])}
     log(f"draft data: {metrics['draft_data']}")
     stage("gen_data", t0)
@@ -289,14 +291,14 @@ def main(argv=None) -> int:
     except Exception as err:  # noqa: BLE001
         log(f"perplexity failed: {err!r}")
     try:
-        sim = T.simulated_tau(target, draft, held)
+        sim = E.simulated_tau(target, draft, held)
         metrics["simulated_tau"] = sim
         log(f"simulated tau (held-out): {sim['tau']}")
         log(f"slot accuracy b16: {sim.get('slot_accuracy_b16')}")
     except Exception as err:  # noqa: BLE001
         log(f"simulated tau failed: {err!r}")
     try:
-        metrics["decode"] = T.decode_check(target, draft, tok, args.decode_sets,
+        metrics["decode"] = E.decode_check(target, draft, tok, args.decode_sets,
                                            n_prompts=args.decode_prompts,
                                            max_new_tokens=args.decode_tokens,
                                            block_size=args.block_size, log=log)

@@ -8,9 +8,11 @@ import torch
 from dflash.decoding.loop import SpeculativeDecoder
 from dflash import DFlashDraftModel
 from dflash.model.toy import make_random_draft, make_random_target
-from dflash.training.train_draft import (build_block_batch, continuation_stats, default_gamma, draft_hidden,
-                          greedy_continue, loss_weights, recipe_loss, sample_anchors,
-                          target_features, valid_anchor_mask, weighted_ce)
+from dflash.training.data import greedy_continue
+from dflash.training.evaluate import continuation_stats
+from dflash.training.features import target_features
+from dflash.training.recipe import (build_block_batch, default_gamma, draft_hidden, loss_weights,
+                                    recipe_loss, sample_anchors, valid_anchor_mask, weighted_ce)
 
 B, S, BLOCK, MASK = 2, 48, 8, 127
 
@@ -257,3 +259,14 @@ def test_embedded_pair_fits_together():
     text = tok.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False,
                                    add_generation_prompt=True, enable_thinking=False)
     assert text == "Hi?\n"
+
+
+def test_target_features_are_hf_hidden_states_shifted_by_one():
+    """Layer l's feature is HF's hidden_states[l + 1]; for the last layer that is the final-normed
+    state (the reference's rule), for the others the layer's output."""
+    target = make_random_target(num_layers=3)
+    ids = torch.randint(1, 60, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hs = target(input_ids=ids, output_hidden_states=True).hidden_states
+    got = target_features(target, ids, [0, 2])
+    torch.testing.assert_close(got, torch.cat([hs[1], hs[3]], dim=-1))
