@@ -183,13 +183,25 @@ def _exit_now(code: int) -> None:
 
 
 def parse_int_list(text, name: str, *, minimum: int | None = None, duplicates: str = "drop",
-                   example: str = "8,12,16", why: str = "") -> list[int]:
+                   example: str = "8,12,16", why: str = "",
+                   wording: dict[str, str] | None = None) -> list[int]:
     """Comma- or whitespace-separated integers (``"8,12,16"``, ``"4 8"``) -> a list, in order.
 
     ``duplicates``: ``drop`` (keep the first), ``keep`` or ``refuse``; ``minimum``: the smallest
     value allowed (``why`` says why, in the error). Every failure is one UserError naming ``name``.
+    ``wording`` overrides messages a CLI already documents (keys ``not_int``, ``below``,
+    ``twice``, ``empty``, ``hint``; ``str.format`` fields name, item, value, minimum, why).
     """
-    hint = f"use a comma-separated list of integers such as {example}"
+    texts = {"not_int": "{name} must be integers, got '{item}'",
+             "below": "{name} must be >= {minimum}{why}, got {value}",
+             "twice": "{name} lists {value} twice", "empty": "{name} is empty",
+             "hint": "use a comma-separated list of integers such as {example}"}
+    texts.update(wording or {})
+
+    def say(key: str, **fields) -> str:
+        return texts[key].format(name=name, minimum=minimum, why=why, example=example, **fields)
+
+    hint = say("hint")
     values: list[int] = []
     for item in re.split(r"[\s,]+", str(text).strip()):
         if not item:
@@ -197,15 +209,15 @@ def parse_int_list(text, name: str, *, minimum: int | None = None, duplicates: s
         try:
             value = int(item)
         except ValueError:
-            raise UserError(f"{name} must be integers, got '{item}'", hint) from None
+            raise UserError(say("not_int", item=item), hint) from None
         if minimum is not None and value < minimum:
-            raise UserError(f"{name} must be >= {minimum}{why}, got {value}", hint)
+            raise UserError(say("below", value=value), hint)
         if value in values:
             if duplicates == "refuse":
-                raise UserError(f"{name} lists {value} twice", hint)
+                raise UserError(say("twice", value=value), hint)
             if duplicates == "drop":
                 continue
         values.append(value)
     if not values:
-        raise UserError(f"{name} is empty", hint)
+        raise UserError(say("empty"), hint)
     return values

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """TEST DOUBLE - NOT SGLang. A tiny stand-in for an SGLang server, for CPU tests only.
 
-It speaks the part of SGLang's HTTP protocol that ``dflash/serving.py`` uses (see
+It speaks the part of SGLang's HTTP protocol that ``dflash/serving/`` uses (see
 /work/shared/reference/sglang-api.md): ``GET /health_generate``, ``GET /health``,
 ``POST /generate`` (one prompt or a batched ``text`` list, optional ``stream``), ``GET|POST
 /flush_cache``, ``GET /server_info`` and ``GET /get_server_info``. Responses carry ``meta_info``

@@ -197,6 +197,33 @@ def test_resume_skips_recorded_and_refuses_other_configuration(tmp_path, capsys)
     assert "--resume" in line and "max_new_tokens: 24 there, 99 now" in line
 
 
+def test_existing_results_log_is_refused_without_resume_never_moved(tmp_path, capsys):
+    with FakeServer(["--port", "0", "--fake-latency-s", "0.01"]) as fake:
+        argv = common(tmp_path, concurrencies="1,2") + ["--base-url", fake.url]
+        assert bench(argv, capsys)[0] == 0
+        log = (tmp_path / "r.jsonl").read_bytes()
+        count = fake.state.stats()["generate_count"]
+        code, _, err = bench(argv, capsys)
+        assert fake.state.stats()["generate_count"] == count  # refused before any request
+    assert code == 2
+    line = error_line(err)
+    assert "r.jsonl already holds 2 finished configuration(s)" in line and "--resume" in line
+    assert (tmp_path / "r.jsonl").read_bytes() == log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.jsonl", "r.md", "r.png"]
+
+
+def test_results_log_without_results_is_started_anew_and_said(tmp_path, capsys):
+    (tmp_path / "r.jsonl").write_text('{"record": "header", "identity": {}}\n')
+    with FakeServer(["--port", "0", "--fake-latency-s", "0.01"]) as fake:
+        code, out, err = bench(common(tmp_path, concurrencies="1") + ["--base-url", fake.url],
+                               capsys)
+    assert code == 0, err
+    assert "r.jsonl held no finished configuration; started it anew" in out
+    recs = [json.loads(l) for l in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert recs[0]["identity"]["max_new_tokens"] == 24 and len(recs) == 2
+    assert not list(tmp_path.glob("*.bak"))
+
+
 # ----------------------------------------------------------------------------- (2) faults
 
 def test_server_never_ready(tmp_path, capsys):
