@@ -14,6 +14,9 @@ semantics; on some processors even the same bits, which nothing relies on), with
   [layers, kv_heads, capacity, head_dim] buffers (``k_cache[i]`` stay views of layer i);
 - the block's logits use a pre-transposed copy of the (shared) LM head.
 
+Draft variants (causal/windowed layers, other activations, embedding scale, logit multiplier
+and softcapping) are computed here as in ``DraftEngine``.
+
 Used for float32 drafts (``SpeculativeDecoder`` with the static engine on CPU): with
 bfloat16/float16 weights ``x @ w_t`` is an order of magnitude slower than ``F.linear`` here.
 Only the draft changes: its proposals may differ from ``DraftEngine``'s by float rounding,
@@ -87,6 +90,7 @@ class CpuDraftEngine(DraftEngine):
                 gu_t=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().t().contiguous(),
                 down_t=t(m.down_proj.weight),
             ))
+        self.acts = [l.mlp.act_fn for l in layers]
         self.norm_w = draft.norm.weight.detach()
         self.lm_head_t = t(lm_head.weight)
         self.lm_head_b = lm_head.bias
@@ -113,11 +117,12 @@ class CpuDraftEngine(DraftEngine):
             return super()._propose_logits(block_ids, positions, kv_len)
         nh, nkv, d, eps = self.n_heads, self.n_kv, self.head_dim, self.eps
         b = block_ids.shape[1]
-        h = self.embed(block_ids[0])  # [b, H]
+        h = self.draft.embed_block(self.embed, block_ids[0])  # [b, H]
         if h.dtype != self.dtype:
             h = h.to(self.dtype)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [b, 1, D]
         gqa = nh != nkv
+        masks = self._layer_masks(positions, kv_len)
         for i, w in enumerate(self.layer_w):
             qkv = self._mm(rms_norm(h, w["ln1"], eps, keep_float64=True), w["qkv_t"], w["qkv_b"])
             qk = rope(rms_norm(qkv[:, :(nh + nkv) * d].view(b, nh + nkv, d), w["qk_norm"], eps,
@@ -128,12 +133,12 @@ class CpuDraftEngine(DraftEngine):
             self.v_all[i].index_copy_(1, positions, v)
             out = F.scaled_dot_product_attention(
                 qk[None, :nh], self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len],
-                enable_gqa=gqa)  # [1, nh, b, D]
+                attn_mask=masks[i][0], enable_gqa=gqa)  # [1, nh, b, D]
             h = h + self._mm(out[0].transpose(0, 1).reshape(b, nh * d), w["o_t"], w["o_b"])
             gate, up = self._mm(rms_norm(h, w["ln2"], eps, keep_float64=True),
                                 w["gu_t"]).chunk(2, dim=-1)
-            h = h + (F.silu(gate) * up) @ w["down_t"]
+            h = h + (self.acts[i](gate) * up) @ w["down_t"]
         h = rms_norm(h[1:], self.norm_w, eps, keep_float64=True)
         if h.dtype != self.lm_head_t.dtype:
             h = h.to(self.lm_head_t.dtype)
-        return self._mm(h, self.lm_head_t, self.lm_head_b)[None]  # [1, b-1, V]
+        return self.draft.finish_logits(self._mm(h, self.lm_head_t, self.lm_head_b)[None])

@@ -3,13 +3,20 @@
 The target's features are projected once per position into every layer's key/value cache
 (``append_context``); a block ``[last, MASK...]`` then attends over that cache plus itself
 (``propose_logits``). Fused math and CUDA graphs as for the target (``engine/graphs.py``).
+
+Every draft variant the reference runs is computed here: per-layer causal/windowed masks,
+any ``hidden_act``, ``input_embedding_scale``, ``output_multiplier`` and softcapping. A
+variant a fast path cannot do goes to the generic path of this engine (still exact): the
+Triton layer chain and the decode-attention kernel need full-attention layers, the fused
+SwiGLU math needs ``silu`` and no attention biases.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..model.draft import DFlashDraft
+from ..errors import UserError
+from ..model.draft import DFlashDraft, kind_mask
 from ..model.ops import rope_cos_sin
 from .cuda.kernels import attention_supported, decode_attention, linear
 from .cuda.layer import fused_layers, layer_kernels_enabled, layer_supported
@@ -26,6 +33,13 @@ class DraftEngine:
         self.eps = cfg.rms_norm_eps
         self.n_heads, self.n_kv, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
                                                   cfg.head_dim)
+        if draft.rope_limit is not None and capacity > draft.rope_limit:
+            raise UserError(f"the draft's rope type is reproduced for sequences up to "
+                            f"{draft.rope_limit} positions only (HF rescales it beyond); this run "
+                            f"needs up to {capacity}", "use shorter prompts or max-new-tokens")
+        self.kinds = draft.attention_kinds
+        # The fused layer math does SwiGLU without biases; other drafts run the modules.
+        fused = fused and cfg.hidden_act == "silu" and not cfg.attention_bias
         self.fused = fused
         if fused:
             self.fused_layers = [FusedLayer(l, self.n_heads, self.n_kv, self.head_dim)
@@ -47,7 +61,8 @@ class DraftEngine:
         self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in draft.layers]
         self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in draft.layers]
         positions = torch.arange(capacity, device=self.device)
-        self.cos, self.sin = rope_cos_sin(draft.inv_freq, positions, self.dtype)
+        self.cos, self.sin = rope_cos_sin(draft.inv_freq, positions, self.dtype,
+                                          draft.attention_scaling)
         self.slots = positions
 
     def append_context(self, features: torch.Tensor, positions: torch.Tensor) -> None:
@@ -81,28 +96,46 @@ class DraftEngine:
             self.k_cache[i].index_copy_(2, positions, k)
             self.v_cache[i].index_copy_(2, positions, v)
 
+    def _layer_masks(self, positions: torch.Tensor, kv_len: int | None):
+        """Per layer: the mask over the keys attended ([1, 1, t, keys] bool or None) and whether
+        the layer is full attention. Graph mode (``kv_len`` None) attends over the whole buffer
+        with the slots past the block masked."""
+        base = None if kv_len is not None else (self.slots <= positions[-1])[None, None, None]
+        k_pos = self.slots if kv_len is None else self.slots[:kv_len]
+        made, out = {}, []
+        for kind in self.kinds:
+            if kind not in made:
+                m = kind_mask(positions, k_pos, *kind)
+                made[kind] = base if m is None else (m[None, None] if base is None
+                                                     else m[None, None] & base)
+            out.append((made[kind], kind == (False, None)))
+        return out
+
     def _propose_logits(self, block_ids: torch.Tensor, positions: torch.Tensor,
                         kv_len: int | None = None) -> torch.Tensor:
-        h = self.embed(block_ids).to(self.dtype)
+        h = self.draft.embed_block(self.embed, block_ids).to(self.dtype)
         t = block_ids.shape[1]
         # graph mode (whole buffer): every query sees the whole block
         lim = positions[-1:].expand(t).contiguous() if kv_len is None else None
-        # Decode-sized graph steps: the whole layer in Triton kernels (dflash/layer_kernels.py).
-        if (self.fused and lim is not None and layer_kernels_enabled()
+        # Decode-sized graph steps: the whole layer in Triton kernels (dflash/layer_kernels.py),
+        # for full-attention drafts (its attention has one limit per query, no window).
+        if (self.fused and lim is not None and self.draft.full_attention
+                and layer_kernels_enabled()
                 and layer_supported(self.fused_layers[0], h[0], self.k_cache[0], self.cos)):
             x, _ = fused_layers(h[0], self.fused_layers, self.draft.norm.weight, positions, lim,
                                 self.k_cache, self.v_cache, self.cos, self.sin,
                                 n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim,
                                 eps=self.eps)
-            return linear(x[1:].to(self.lm_head.weight.dtype), self.lm_head.weight)[None]
+            logits = linear(x[1:].to(self.lm_head.weight.dtype), self.lm_head.weight,
+                            self.lm_head.bias)[None]
+            return self.draft.finish_logits(logits)
         cos, sin = self.cos[positions], self.sin[positions]
-        if kv_len is None:  # positional mask over the whole buffer (all queries alike)
+        masks = self._layer_masks(positions, kv_len)
+        if kv_len is None:  # positional mask over the whole buffer
             kv_len = self.capacity
-            mask = (self.slots <= positions[-1])[None, None, None]
-        else:
-            mask = None
         for i, layer in enumerate(self.draft.layers):
             attn = layer.self_attn
+            mask, full = masks[i]
             if self.fused:
                 fl = self.fused_layers[i]
                 q, k, v = self._pre(h, cos[None, None], sin[None, None], fl.ln1, fl.wqkv, fl.bqkv,
@@ -116,7 +149,7 @@ class DraftEngine:
             self.v_cache[i].index_copy_(2, positions, v)
             keys, values = self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len]
             if self.fused:
-                if lim is not None and attention_supported(q, self.k_cache[i]):
+                if lim is not None and full and attention_supported(q, self.k_cache[i]):
                     out = decode_attention(q, self.k_cache[i], self.v_cache[i], lim)
                 else:
                     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
@@ -129,4 +162,6 @@ class DraftEngine:
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = self.draft.norm(h[:, 1:])
         h = h.to(self.lm_head.weight.dtype)
-        return linear(h, self.lm_head.weight) if self.fused else self.lm_head(h)
+        logits = linear(h, self.lm_head.weight, self.lm_head.bias) if self.fused \
+            else self.lm_head(h)
+        return self.draft.finish_logits(logits)

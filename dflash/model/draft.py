@@ -9,7 +9,6 @@ target's. See ``shared/reference/dflash-algorithm.md`` for the architecture.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -34,6 +33,17 @@ def default_target_layer_ids(num_target_layers: int, num_features: int) -> list[
     return [int(round(1 + i * span / (num_features - 1))) for i in range(num_features)]
 
 
+# Values the reference reads as dflash_config[name], else the top-level key, else a default.
+DFLASH_KEYS = {"block_size": 16, "input_embedding_scale": 1.0, "output_multiplier": 1.0,
+               "final_logit_softcapping": None}
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+
+
+def _lookup(cfg: dict, dcfg: dict, name: str, default=None):
+    return dcfg[name] if name in dcfg else cfg.get(name, default)
+
+
 @dataclass
 class DraftConfig:
     hidden_size: int
@@ -53,17 +63,32 @@ class DraftConfig:
     attention_bias: bool = False
     max_position_embeddings: int = 40960
     dtype: str = "bfloat16"
+    hidden_act: str = "silu"
+    input_embedding_scale: float = 1.0
+    output_multiplier: float = 1.0
+    final_logit_softcapping: float | None = None
     extra: dict = field(default_factory=dict)  # every other key of config.json, kept on save
+    dflash_extra: dict = field(default_factory=dict)  # dflash_config as read (written back)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "DraftConfig":
         cfg = dict(cfg)
-        dcfg = cfg.get("dflash_config") or {}
+        dcfg = dict(cfg.get("dflash_config") or {})
+        if "DFlash2DraftModel" in (cfg.get("architectures") or []):
+            raise UserError("this checkpoint is a DFlash 2 draft (architectures "
+                            "['DFlash2DraftModel']); only DFlash 1 drafts are supported",
+                            "use a DFlash 1 draft (architectures ['DFlashDraftModel'])")
+        mask_id = _lookup(cfg, dcfg, "mask_token_id")
+        if mask_id is None:
+            raise UserError("draft config has no mask_token_id (neither in dflash_config nor at "
+                            "the top level)", "is this a DFlash draft checkpoint?")
         try:
             n_layers = int(cfg["num_hidden_layers"])
             num_target_layers = int(cfg["num_target_layers"])
-            ids = dcfg.get("target_layer_ids") or default_target_layer_ids(num_target_layers, n_layers)
+            ids = _lookup(cfg, dcfg, "target_layer_ids") \
+                or default_target_layer_ids(num_target_layers, n_layers)
             heads = int(cfg["num_attention_heads"])
+            cap = _lookup(cfg, dcfg, "final_logit_softcapping")
             out = cls(
                 hidden_size=int(cfg["hidden_size"]),
                 intermediate_size=int(cfg["intermediate_size"]),
@@ -72,9 +97,9 @@ class DraftConfig:
                 num_key_value_heads=int(cfg.get("num_key_value_heads", heads)),
                 head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
                 vocab_size=int(cfg["vocab_size"]),
-                block_size=int(cfg.get("block_size", 16)),
+                block_size=int(_lookup(cfg, dcfg, "block_size", 16)),
                 num_target_layers=num_target_layers,
-                mask_token_id=int(dcfg["mask_token_id"]),
+                mask_token_id=int(mask_id),
                 target_layer_ids=[int(i) for i in ids],
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(cfg.get("rope_theta")
@@ -83,18 +108,32 @@ class DraftConfig:
                 attention_bias=bool(cfg.get("attention_bias", False)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 40960)),
                 dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"),
+                hidden_act=str(cfg.get("hidden_act") or "silu"),
+                input_embedding_scale=float(_lookup(cfg, dcfg, "input_embedding_scale", 1.0)),
+                output_multiplier=float(_lookup(cfg, dcfg, "output_multiplier", 1.0)),
+                final_logit_softcapping=None if cap is None else float(cap),
             )
         except KeyError as err:
             raise UserError(f"draft config lacks the key {err}",
                             "is this a DFlash draft checkpoint (config with dflash_config)?") from err
         known = set(asdict(out)) | {"dflash_config", "torch_dtype", "head_dim"}
         out.extra = {k: v for k, v in cfg.items() if k not in known}
+        out.dflash_extra = dcfg
         return out
 
     def to_dict(self) -> dict:
         cfg = dict(self.extra)
         cfg.setdefault("architectures", ["DFlashDraftModel"])
         cfg.setdefault("model_type", "qwen3")
+        # dflash_config as read, with the current values of the keys it held (it wins on reload)
+        dcfg = dict(self.dflash_extra)
+        dcfg.update(mask_token_id=self.mask_token_id, target_layer_ids=list(self.target_layer_ids))
+        for name, default in DFLASH_KEYS.items():
+            value = getattr(self, name)
+            if name in dcfg:
+                dcfg[name] = value
+            elif name != "block_size" and value != default:
+                cfg[name] = value
         cfg.update({
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -102,14 +141,25 @@ class DraftConfig:
             "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
             "vocab_size": self.vocab_size, "block_size": self.block_size,
             "num_target_layers": self.num_target_layers,
-            "dflash_config": {"mask_token_id": self.mask_token_id,
-                              "target_layer_ids": list(self.target_layer_ids)},
+            "dflash_config": dcfg,
             "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
             "rope_scaling": self.rope_scaling, "attention_bias": self.attention_bias,
             "max_position_embeddings": self.max_position_embeddings, "dtype": self.dtype,
-            "hidden_act": "silu", "tie_word_embeddings": True,
+            "hidden_act": self.hidden_act,
         })
+        cfg.setdefault("tie_word_embeddings", True)
         return cfg
+
+    def hf_config(self):
+        """The transformers Qwen3Config of this draft (the reference's config class): rope,
+        layer types and sliding windows are read through it exactly as the reference reads them."""
+        from transformers import Qwen3Config
+
+        cfg = self.to_dict()
+        try:
+            return Qwen3Config.from_dict(cfg)
+        except Exception as err:  # noqa: BLE001 - any validation failure is a config problem
+            raise UserError(f"draft config is not a valid Qwen3-style config: {err}") from err
 
 
 class RMSNorm(nn.Module):
@@ -122,21 +172,82 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, keep_float64=True)
 
 
+def rope_setup(cfg: DraftConfig) -> tuple[torch.Tensor, float, int | None]:
+    """(inv_freq float32, attention scaling, limit) from transformers' own rotary init.
+
+    ``limit``: for the length-dependent types (dynamic, longrope) the sequence length up to
+    which the frequencies are the static ones computed here (HF recomputes them beyond it)."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    hf = cfg.hf_config()
+    params = hf.rope_parameters or {}
+    kind = params.get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise UserError(f"draft rope type '{kind}' (rope_scaling / rope_parameters) is not "
+                        f"supported", f"supported rope types: {', '.join(ROPE_TYPES)}")
+    try:
+        rotary = Qwen3RotaryEmbedding(hf)
+    except Exception as err:  # noqa: BLE001 - missing/invalid rope parameters
+        raise UserError(f"draft rope settings (rope_type '{kind}') are invalid: "
+                        f"{type(err).__name__}: {err}") from err
+    inv = rotary.inv_freq.float()
+    if 2 * inv.numel() != cfg.head_dim:
+        raise UserError(f"draft rope covers {2 * inv.numel()} of {cfg.head_dim} head dims "
+                        "(partial_rotary_factor); only full rotary is supported")
+    limit = None
+    if kind == "dynamic":
+        limit = int(rotary.original_max_seq_len)
+    elif kind == "longrope":
+        limit = int(params.get("original_max_position_embeddings") or hf.max_position_embeddings)
+    return inv, float(rotary.attention_scaling), limit
+
+
 def rope_inv_freq(cfg: DraftConfig) -> torch.Tensor:
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = cfg.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        smooth = (old / wavelen - low) / (high - low)
-        scaled = torch.where(wavelen > old / low, inv / factor, inv)
-        mid = (1 - smooth) * inv / factor + smooth * inv
-        is_mid = (wavelen <= old / low) & (wavelen >= old / high)
-        inv = torch.where(is_mid, mid, scaled)
-    return inv.float()
+    return rope_setup(cfg)[0]
+
+
+def attention_kinds(cfg: DraftConfig) -> list[tuple[bool, int | None]]:
+    """Per draft layer (causal, window), read as the reference reads them: a layer typed
+    ``sliding_attention`` is causal with window ``sliding_window`` (None: causal only); a
+    top-level ``is_causal`` sets causality for every layer; ``full_attention`` sees all."""
+    hf = cfg.hf_config()
+    types = getattr(hf, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    bad = sorted(set(types) - set(ATTENTION_KINDS))
+    if bad or len(types) < cfg.num_hidden_layers:
+        raise UserError(f"draft layer_types {types} not supported",
+                        f"one of {', '.join(ATTENTION_KINDS)} per draft layer")
+    forced = getattr(hf, "is_causal", None)
+    kinds = []
+    for kind in types[:cfg.num_hidden_layers]:
+        sliding = kind == "sliding_attention"
+        window = getattr(hf, "sliding_window", None) if sliding else None
+        kinds.append((sliding if forced is None else bool(forced),
+                      None if window is None else int(window)))
+    return kinds
+
+
+def kind_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window: int | None):
+    """Boolean visibility [Q, K] of keys at ``k_pos`` for queries at ``q_pos`` (the reference's
+    rules), or None when everything is visible (a full-attention layer)."""
+    if not causal and window is None:
+        return None
+    diff = q_pos[:, None] - k_pos[None, :]
+    visible = diff >= 0 if causal else torch.ones_like(diff, dtype=torch.bool)
+    if window is not None:
+        visible &= diff < window
+        if not causal:
+            visible &= -diff < window
+    return visible
+
+
+def check_activation(name: str):
+    """The MLP activation ``hidden_act`` as transformers defines it."""
+    from transformers.activations import ACT2FN
+
+    if name not in ACT2FN:
+        raise UserError(f"draft hidden_act '{name}' is not supported",
+                        f"use one of transformers' activations ({', '.join(sorted(ACT2FN))})")
+    return F.silu if name == "silu" else ACT2FN[name]  # the function nn.SiLU calls, minus a hop
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -158,6 +269,7 @@ class DraftAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=bias)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.causal, self.window = False, None  # set by DFlashDraft (attention_kinds)
 
     def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Keys (normed, rotated) and values for inputs x [B, T, H] -> [B, kv, T, D]."""
@@ -185,9 +297,10 @@ class DraftMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act_fn = check_activation(cfg.hidden_act)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DraftLayer(nn.Module):
@@ -204,6 +317,10 @@ class DraftLayer(nn.Module):
         attn = self.self_attn
         q = attn.project_q(x, *q_rope)
         k, v = attn.project_kv(torch.cat([ctx, x], dim=1), *k_rope)
+        if mask is None and (attn.causal or attn.window is not None):
+            s_q, s_k = q.shape[2], k.shape[2]
+            k_pos = torch.arange(s_k, device=h.device)
+            mask = kind_mask(k_pos[s_k - s_q:], k_pos, attn.causal, attn.window)[None, None]
         h = h + attn.attend(q, k, v, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -219,7 +336,11 @@ class DFlashDraft(nn.Module):
         self.fc = nn.Linear(n_f * config.hidden_size, config.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        inv_freq, self.attention_scaling, self.rope_limit = rope_setup(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_kinds = attention_kinds(config)
+        for layer, (causal, window) in zip(self.layers, self.attention_kinds):
+            layer.self_attn.causal, layer.self_attn.window = causal, window
 
     # --- the attributes users of the upstream draft rely on
     @property
@@ -242,7 +363,31 @@ class DFlashDraft(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.fc.weight.dtype
 
+    @property
+    def full_attention(self) -> bool:
+        """Every layer bidirectional over the whole context + block (no mask)."""
+        return all(not c and w is None for c, w in self.attention_kinds)
+
     # --- forward
+    def embed_block(self, embed, block_ids: torch.Tensor) -> torch.Tensor:
+        """The block input: the target's embedding of ``block_ids`` times input_embedding_scale."""
+        h = embed(block_ids)
+        scale = self.config.input_embedding_scale
+        return h if scale == 1.0 else h * scale
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """output_multiplier, then tanh softcapping, on the output head's logits."""
+        mult, cap = self.config.output_multiplier, self.config.final_logit_softcapping
+        if mult != 1.0:
+            logits = logits * mult
+        if cap is not None and cap > 0:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def compute_logits(self, hidden: torch.Tensor, output_head) -> torch.Tensor:
+        """Draft logits of final-normed block states through the target's output head."""
+        return self.finish_logits(output_head(hidden))
+
     def project_context(self, target_hidden: torch.Tensor) -> torch.Tensor:
         """Concatenated target features [B, S, n_f*H] -> conditioning c [B, S, H]."""
         return self.hidden_norm(self.fc(target_hidden))
@@ -253,12 +398,13 @@ class DFlashDraft(nn.Module):
 
         noise_embedding: target-embedded block tokens [B, Q, H]; target_hidden: features of the
         context [B, S, n_f*H]; position_ids: [B, S+Q] (context then block positions);
-        attention_mask: None (all visible) or boolean/additive [B or 1, 1, Q, S+Q].
+        attention_mask: None (each layer's own kind: see ``attention_kinds``) or a
+        boolean/additive [B or 1, 1, Q, S+Q] mask used by every layer.
         """
         ctx = self.project_context(target_hidden)
         q_len = noise_embedding.shape[1]
         dtype = noise_embedding.dtype
-        k_rope = rope_cos_sin(self.inv_freq, position_ids, dtype)
+        k_rope = rope_cos_sin(self.inv_freq, position_ids, dtype, self.attention_scaling)
         q_rope = (k_rope[0][:, -q_len:], k_rope[1][:, -q_len:])
         h = noise_embedding
         for layer in self.layers:
@@ -305,7 +451,9 @@ class DFlashDraft(nn.Module):
         folder = resolve_model_dir(str(name_or_path), what="draft",
                                    allow_patterns=["*.json", "*.safetensors"])
         cfg_dict = json.loads((folder / "config.json").read_text())
-        if "dflash_config" not in cfg_dict:
+        archs = cfg_dict.get("architectures") or []
+        if "dflash_config" not in cfg_dict and not any("DFlash" in str(a) for a in archs) \
+                and "num_target_layers" not in cfg_dict:
             raise UserError(f"'{name_or_path}' is not a DFlash draft (its config.json has no "
                             "dflash_config)", "pass the draft checkpoint as the draft")
         config = DraftConfig.from_dict(cfg_dict)
@@ -327,7 +475,7 @@ class DFlashDraft(nn.Module):
                 f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         state = {k: v.to(dtype=dtype, device=target_device) for k, v in state.items()}
         model.load_state_dict(state, assign=True)
-        model.inv_freq = rope_inv_freq(config).to(target_device)
+        model.inv_freq = rope_setup(config)[0].to(target_device)
         return model.eval()
 
     def save_pretrained(self, folder: str | Path) -> None:

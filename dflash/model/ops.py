@@ -17,11 +17,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
     return weight * (xf if wide else xf.to(dtype))
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of shape [..., head_dim] for integer ``positions`` (HF's half-split layout)."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,
+                 scaling: float = 1.0):
+    """cos/sin of shape [..., head_dim] for integer ``positions`` (HF's half-split layout).
+
+    ``scaling``: HF's rotary ``attention_scaling`` (yarn, longrope), applied in float32."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scaling != 1.0:
+        cos, sin = cos * scaling, sin * scaling
+    return cos.to(dtype), sin.to(dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
