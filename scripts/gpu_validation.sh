@@ -26,7 +26,7 @@ if [[ $what == all || $what == bench ]]; then
   done
 fi
 if [[ $what == all || $what == dynamic ]]; then
-  # docs/DYNAMIC.md's H100 command (sessions 5-6; SAMPLES=24 for the larger runs); per-sample
+  # docs/DYNAMIC.md's H100 command (runs of 2026-11-27 12:41-15:23; SAMPLES=24 for the larger ones); per-sample
   # JSONL goes to $JSONL_DIR so that $OUT stays within what a device call brings back
   JSONL_DIR=${JSONL_DIR:-/tmp/dflash_gpu}; mkdir -p "$JSONL_DIR"
   for policy in ${POLICIES:-costmodel}; do
