@@ -26,10 +26,38 @@ def text_config(model):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def decoder_parts(model):
-    """(embed, layers, final_norm, lm_head, rotary) of an HF Qwen3/Llama-style causal LM."""
+def text_decoder(model):
+    """The decoder stack (embed_tokens, layers, norm) of a causal LM; of a multimodal
+    checkpoint, its text model."""
     inner = model.model if hasattr(model, "model") else model.base_model
-    return inner.embed_tokens, inner.layers, inner.norm, model.lm_head, inner.rotary_emb
+    for name in ("language_model", "text_model"):
+        if not hasattr(inner, "layers") and hasattr(inner, name):
+            inner = getattr(inner, name)
+    return inner
+
+
+def decoder_parts(model):
+    """(embed, layers, final_norm, lm_head, rotary) of an HF Qwen3/Llama-style causal LM.
+
+    ``embed`` is the model's own embedding module (Gemma-style scaling included)."""
+    inner = text_decoder(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = head if head is not None else model.lm_head
+    return (inner.embed_tokens, inner.layers, getattr(inner, "norm", None), head,
+            getattr(inner, "rotary_emb", None))
+
+
+def layer_windows(cfg, n_layers: int) -> list[int | None]:
+    """Per layer, the sliding-window width (a query at p sees keys p - w < s <= p, HF's rule)
+    or None for full attention, from ``layer_types`` + ``sliding_window`` as HF reads them
+    (no ``layer_types`` but a ``sliding_window``: every layer slides, as HF's caches assume)."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window:
+        return [None] * n_layers
+    if types is None:
+        return [int(window)] * n_layers
+    return [int(window) if t == "sliding_attention" else None for t in types[:n_layers]]
 
 
 class StaticTargetEngine:
@@ -48,6 +76,11 @@ class StaticTargetEngine:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.feature_layer_ids = list(feature_layer_ids)
         self._wanted = set(self.feature_layer_ids)
+        # Layer id L-1's feature is the final-normed state (HF's hidden_states[L]), as the
+        # reference takes hidden_states[id + 1].
+        self._last = len(self.layers) - 1
+        self.windows = layer_windows(cfg, len(self.layers))
+        self.sliding = any(w is not None for w in self.windows)
         weight = self.embed.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.capacity = capacity
@@ -96,20 +129,27 @@ class StaticTargetEngine:
             x, captured = fused_layers(h[0], self.fused_layers, self.norm.weight, positions,
                                        positions, self.k_cache, self.v_cache, self.cos, self.sin,
                                        capture=self._wanted, n_heads=self.n_heads, n_kv=self.n_kv,
-                                       head_dim=self.head_dim, eps=self.eps)
+                                       head_dim=self.head_dim, eps=self.eps,
+                                       windows=self.windows if self.sliding else None)
             feats = torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
             return linear(x, self.lm_head.weight)[None], feats[None]
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+        keys = self.slots[:kv_len]
         if cache_slots is None:
             cache_slots = positions
-            mask = (self.slots[:kv_len][None, :] <= positions[:, None])[None, None]
+            mask = (keys[None, :] <= positions[:, None])[None, None]
+            key_pos = keys
         else:
-            keys = self.slots[:kv_len]
             mask = (keys[None, :] < cache_slots[0]).expand(len(cache_slots), -1).clone()
             rel = keys - cache_slots[0]
             inside = (rel >= 0) & (rel < len(cache_slots))
             mask[:, inside] = tree_mask[:, rel[inside]]
             mask = mask[None, None]
+            key_pos = keys.clone()  # committed slots hold their own position, tree slots theirs
+            key_pos[inside] = positions[rel[inside]]
+        masks = {None: mask}
+        for w in set(self.windows) - {None}:  # sliding layers: keys within the window only
+            masks[w] = mask & (key_pos[None, :] > positions[:, None] - w)[None, None]
         captured = {}
         t = input_ids.shape[1]
         for i, layer in enumerate(self.layers):
@@ -122,9 +162,11 @@ class StaticTargetEngine:
                 q, k, v = self._pre_attention_modules(layer, h, cos, sin)
             self.k_cache[i].index_copy_(2, cache_slots, k)
             self.v_cache[i].index_copy_(2, cache_slots, v)
+            win = self.windows[i]
             if self.fused and whole_buffer and attention_supported(q, self.k_cache[i]):
-                out = decode_attention(q, self.k_cache[i], self.v_cache[i], positions)
-            elif self.fused and kv_len == t and q.is_cuda:
+                out = decode_attention(q, self.k_cache[i], self.v_cache[i], positions,
+                                       window=win)
+            elif self.fused and kv_len == t and q.is_cuda and win is None:
                 # A fresh prompt: plain causal attention. cuDNN is skipped because it builds
                 # a new plan (~70 ms) for every prompt length, which lands in TTFT.
                 with sdpa_kernel(_PREFILL_BACKENDS):
@@ -135,7 +177,7 @@ class StaticTargetEngine:
             else:
                 out = F.scaled_dot_product_attention(
                     q, self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len],
-                    attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+                    attn_mask=masks[win], enable_gqa=self.n_heads != self.n_kv)
                 out = out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
             if self.fused:
                 fl = self.fused_layers[i]
@@ -145,9 +187,11 @@ class StaticTargetEngine:
                 attn = layer.self_attn
                 h = h + attn.o_proj(out)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
-            if i in self._wanted:
+            if i in self._wanted and i != self._last:
                 captured[i] = h
         h = self.norm(h)
+        if self._last in self._wanted:
+            captured[self._last] = h
         logits = linear(h, self.lm_head.weight) if self.fused else self.lm_head(h)
         return logits, torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
 

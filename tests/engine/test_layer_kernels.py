@@ -131,3 +131,28 @@ def test_engine_with_layer_kernels_is_greedy_lossless(monkeypatch):
     assert outs["1"][0] == outs["1"][1]  # row-invariant kernels: speculative == AR, bitwise
     # Different kernels round differently; on random weights the greedy paths agree early on.
     assert outs["1"][0][:8] == outs["0"][0][:8]
+
+
+@pytest.mark.parametrize("window", [None, 8, 100])
+@pytest.mark.parametrize("t", [1, 7])
+def test_decode_attention_window_matches_masked_sdpa(window, t):
+    """decode_attention with a sliding window (issue 21) against SDPA under the same mask:
+    each query sees slots lim - window < s <= lim; lim straddles chunk boundaries."""
+    from dflash.engine.cuda.kernels import decode_attention
+
+    torch.manual_seed(2)
+    cap, hkv, g, d = 300, 2, 2, 64
+    q = torch.randn(1, hkv * g, t, d, device=DEVICE).to(DTYPE)
+    kc = torch.randn(1, hkv, cap, d, device=DEVICE).to(DTYPE)
+    vc = torch.randn(1, hkv, cap, d, device=DEVICE).to(DTYPE)
+    for start in (3, 125, 250):
+        lim = torch.arange(start, start + t, device=DEVICE)
+        out = decode_attention(q, kc, vc, lim, window=window)
+        slots = torch.arange(cap, device=DEVICE)
+        mask = slots[None, :] <= lim[:, None]
+        if window:
+            mask &= slots[None, :] > lim[:, None] - window
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), kc.float(), vc.float(), attn_mask=mask[None, None], enable_gqa=True)
+        ref = ref.transpose(1, 2).reshape(1, t, -1)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

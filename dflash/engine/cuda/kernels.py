@@ -252,7 +252,8 @@ if triton is not None:
     def _attn_partial_kernel(q_ptr, k_ptr, v_ptr, lim_ptr, po_ptr, pm_ptr, pl_ptr,
                              T, sm_scale, sq_h, sq_t, sk_h, sk_c,
                              G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                             CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                             CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+                             WINDOW: tl.constexpr = 0):
         pdl_enter(PDL)
         hk = tl.program_id(0)
         sp = tl.program_id(1)
@@ -272,14 +273,23 @@ if triton is not None:
         l_i = tl.zeros((16,), tl.float32)
         acc = tl.zeros((16, D), tl.float32)
         kv = hk * sk_h
-        for s0 in range(start, end, BLOCK_N):
+        first = start
+        if WINDOW > 0:
+            # Sliding window: a row sees slots lim - WINDOW < s <= lim. Blocks below every row's
+            # window add exact zeros, so skipping them (at the same block grid) changes nothing.
+            lo = tl.min(tl.where(row_ok, lim, 2147483647), axis=0) - WINDOW + 1
+            first = start + tl.maximum(lo - start, 0) // BLOCK_N * BLOCK_N
+        for s0 in range(first, end, BLOCK_N):
             cols = s0 + tl.arange(0, BLOCK_N)
             col_ok = cols < end
             # v is loaded with k, not after the softmax, so both reads are in flight at once
             k = tl.load(k_ptr + kv + cols[None, :] * sk_c + d[:, None], mask=col_ok[None, :], other=0.0)
             v = tl.load(v_ptr + kv + cols[:, None] * sk_c + d[None, :], mask=col_ok[:, None], other=0.0)
             s = tl.dot(q, k) * sm_scale
-            s = tl.where((cols[None, :] <= lim[:, None]) & col_ok[None, :], s, float("-inf"))
+            seen = (cols[None, :] <= lim[:, None]) & col_ok[None, :]
+            if WINDOW > 0:
+                seen = seen & (cols[None, :] > lim[:, None] - WINDOW)
+            s = tl.where(seen, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
@@ -340,9 +350,13 @@ def attention_chunk(capacity: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lim: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                     lim: torch.Tensor, scale: float | None = None,
+                     window: int | None = None) -> torch.Tensor:
     """q [1, H, T, D], caches [1, Hkv, C, D], lim [T] (last visible slot of each query)
-    -> attention output [1, T, H * D] (the layout the output projection wants)."""
+    -> attention output [1, T, H * D] (the layout the output projection wants).
+
+    ``window``: a sliding-window layer's width (HF's ``sliding_window``): a query sees only
+    slots lim - window < s <= lim. None/0: full attention (the kernel compiled as before)."""
     _, h, t, d = q.shape
     hkv, cap = k_cache.shape[1], k_cache.shape[2]
     g = h // hkv
@@ -356,7 +370,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _attn_partial_kernel[(hkv, splits, triton.cdiv(g * t, 16))](
         q, k_cache, v_cache, lim, po, pm, pl, t, scale, q.stride(1), q.stride(2),
         k_cache.stride(1), k_cache.stride(2), G=g, D=d, SPLITS=splits, CHUNK=chunk,
-        BLOCK_N=min(chunk, 128), PDL=pdl, num_warps=4, num_stages=2, **pdl_opts(pdl))
+        BLOCK_N=min(chunk, 128), PDL=pdl, WINDOW=int(window or 0), num_warps=4, num_stages=2,
+        **pdl_opts(pdl))
     out = torch.empty((1, t, h * d), device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(hkv, g * t)](po, pm, pl, lim, out, t, h, G=g, D=d, SPLITS=splits,
                                        SPLITS_P2=triton.next_power_of_2(splits), CHUNK=chunk,

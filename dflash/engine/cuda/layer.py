@@ -189,29 +189,36 @@ def layer_supported(fl, x: torch.Tensor, k_cache: torch.Tensor, cos: torch.Tenso
 
 
 def fused_layer(h, x1, fl, next_norm, positions, lim, k_cache, v_cache, cos, sin, *, n_heads,
-                n_kv, head_dim, eps):
+                n_kv, head_dim, eps, window=None):
     """One decoder layer for T <= 16 tokens: residual h [T, hidden] and its normed input x1 ->
     (new h, norm(new h; next_norm)). Writes this layer's k/v into the caches.
 
     ``lim`` [T]: last cache slot each query sees (its position for a causal target step, the
-    block's last position for the draft)."""
+    block's last position for the draft). ``window``: a sliding-window layer's width."""
     qkv = _gemm(x1, fl.wqkv)
     q = qk_rope_cache(qkv, positions, cos, sin, fl.qn, fl.kn, k_cache, v_cache, n_heads, n_kv,
                       head_dim, eps)
-    attn = decode_attention(q, k_cache, v_cache, lim)[0]
+    attn = decode_attention(q, k_cache, v_cache, lim, window=window)[0]
     h, x2 = residual_norm(h, _gemm(attn, fl.wo, partial=True), fl.ln2, eps)
     act = _gemm(x2, fl.wgu, swiglu=True)
     return residual_norm(h, _gemm(act, fl.wd, partial=True), next_norm, eps)
 
 
 def fused_layers(h, layers, final_norm, positions, lim, k_caches, v_caches, cos, sin,
-                 capture=(), **kw):
-    """All layers on h [T, hidden] -> (final-normed h, {layer index: residual after it})."""
+                 capture=(), windows=None, **kw):
+    """All layers on h [T, hidden] -> (final-normed h, {layer index: residual after it}).
+
+    The last layer's entry is the final-normed state (HF's ``hidden_states[L]``, the
+    reference's feature for that layer id). ``windows``: per layer, a sliding-window width
+    or None (full attention); None for all layers: every layer full."""
     h, x = residual_norm(h, None, layers[0].ln1, kw["eps"])
     captured = {}
+    last = len(layers) - 1
     for i, fl in enumerate(layers):
-        nxt = layers[i + 1].ln1 if i + 1 < len(layers) else final_norm
-        h, x = fused_layer(h, x, fl, nxt, positions, lim, k_caches[i], v_caches[i], cos, sin, **kw)
+        nxt = layers[i + 1].ln1 if i < last else final_norm
+        win = windows[i] if windows is not None else None
+        h, x = fused_layer(h, x, fl, nxt, positions, lim, k_caches[i], v_caches[i], cos, sin,
+                           window=win, **kw)
         if i in capture:
-            captured[i] = h
+            captured[i] = x if i == last else h
     return x, captured
