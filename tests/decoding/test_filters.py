@@ -184,3 +184,42 @@ def test_spec_generate_accepts_both_positional_orders(pair):
         run([], 0.0, temperature=1.0)
     with pytest.raises(TypeError, match="positional arguments"):
         run([], 0.0, 1.0, 0, 5)
+
+
+def _cached_reference():
+    """The reference's model.py from the wheel tests/model/test_reference.py caches (no
+    download here); None when it is not cached."""
+    import importlib.util
+    import zipfile
+    from pathlib import Path
+
+    wheel = Path(__file__).resolve().parents[2] / ".cache" / "reference" / "dflash-0.1.0-py3-none-any.whl"
+    if not wheel.exists():
+        return None
+    try:
+        import tempfile
+        with zipfile.ZipFile(wheel) as zf, tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "dflash_reference_filter.py"
+            path.write_bytes(zf.read("dflash/model.py"))
+            spec = importlib.util.spec_from_file_location("dflash_reference_filter", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        return mod
+    except Exception:  # noqa: BLE001 - an unreadable cache is a skip, not a failure
+        return None
+
+
+@pytest.mark.parametrize("t,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.0, 1.0, 20),
+                                           (1.3, 0.8, 50), (0.5, 0.95, 3), (1.0, 1e-9, 0),
+                                           (1.0, 0.5, 1000)])
+def test_filter_matches_the_reference(t, top_p, top_k):
+    """Same filtered distribution as the reference's on random logits (no ties, where
+    tie-breaking is the only freedom: it leaves theirs to torch.topk / sort)."""
+    ref = _cached_reference()
+    if ref is None:
+        pytest.skip("reference dflash==0.1.0 wheel not cached in .cache/reference")
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(7, 200, generator=g) * 4
+    ours, theirs = probs_at(logits, t, top_p, top_k), ref._sampling_probs(logits, t, top_p, top_k)
+    assert torch.equal(ours > 0, theirs > 0)
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-5)
