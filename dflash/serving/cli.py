@@ -13,6 +13,7 @@ from typing import Sequence
 from ..errors import CliArgumentParser, UserError, parse_int_list
 
 LAUNCH_ENV_VAR = "DFLASH_SGLANG_LAUNCH_CMD"
+ENGINES = ("sglang", "vllm", "openai")
 DEFAULT_BACKENDS = "flashinfer,fa3,fa4"
 KNOWN_BACKENDS = ("flashinfer", "fa3", "fa4", "triton", "trtllm_mha", "torch_native",
                   "flex_attention", "flashmla", "cutlass_mla", "aiter", "wave", "ascend")
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Throughput of SGLang with and without DFLASH speculative decoding, over a "
                     "sweep of concurrencies and attention backends.")
     g = p.add_argument_group("what to run")
+    g.add_argument("--engine", choices=ENGINES, default="sglang",
+                   help="sglang: native /generate (default); vllm: `vllm serve` launched here "
+                        "or --base-url, OpenAI /v1/completions, acceptance from /metrics; "
+                        "openai: any OpenAI-compatible server at --base-url (llama.cpp...)")
     g.add_argument("--dataset-name", default="aime25",
                    help="prompt set (dflash.datasets names, e.g. aime25, gsm8k, builtin-math)")
     g.add_argument("--target-model", help="target model (hub id or path); required unless "
@@ -169,6 +174,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--mem-fraction-static must be in (0, 1], got {args.mem_fraction_static}")
     if not (args.temperature >= 0.0) or math.isinf(args.temperature):
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.engine != "sglang" and args.batch_requests:
+        raise UserError(f"--batch-requests has no equivalent with --engine {args.engine}",
+                        "it sends SGLang's batched /generate; drop it")
+    if args.engine == "openai" and not args.base_url:
+        raise UserError("--engine openai benchmarks a running server: pass --base-url",
+                        "this script launches servers only for --engine sglang or vllm")
     if args.stream and args.batch_requests:
         raise UserError("--stream cannot be combined with --batch-requests",
                         "batched /generate requests are not streamed; drop one of them")

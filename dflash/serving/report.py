@@ -30,8 +30,11 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else value * 1000.0
 
 
-def summarize(run: LoadRun, mode: str) -> tuple[dict, list[str]]:
-    """Metrics of one configuration (sglang.bench_serving field names), and warnings."""
+def summarize(run: LoadRun, mode: str, engine: str = "sglang",
+              counters: dict | None = None) -> tuple[dict, list[str]]:
+    """Metrics of one configuration (sglang.bench_serving field names), and warnings.
+    SGLang's acceptance comes per request (meta_info); other engines' from ``counters``
+    (:func:`.prometheus.acceptance_delta` over the timed run)."""
     res = run.results
     n = len(res)
     out_tokens = sum(r.completion_tokens for r in res)
@@ -64,6 +67,19 @@ def summarize(run: LoadRun, mode: str) -> tuple[dict, list[str]]:
     m["draft_accept_rate"] = (sum(r.accepted_drafts for r in acc_d)
                               / sum(r.proposed_drafts for r in acc_d)) if acc_d else None
     warnings = []
+    if engine != "sglang":
+        m.update(accept_length=None, accept_length_n=0, accept_length_source=None,
+                 accept_rate_per_position=None, spec_counters_delta=counters)
+        if counters:
+            m.update(accept_length=counters["accept_length"], accept_length_n=n,
+                     accept_length_source="/metrics spec_decode counter deltas",
+                     draft_accept_rate=counters.get("draft_accept_rate"),
+                     accept_rate_per_position=counters.get("accept_rate_per_position"))
+        elif mode == "dflash" and n:
+            known = "vllm:spec_decode_num_drafts / _num_accepted_tokens"
+            warnings.append(f"the server's /metrics has no speculative-decoding counters this "
+                            f"client knows ({known}); acceptance length reported as n/a")
+        return m, warnings
     if mode == "dflash" and n and not acc:
         warnings.append("the server sent no spec_accept_length (nor spec_verify_ct) in "
                         "meta_info; acceptance length reported as n/a")
@@ -78,31 +94,56 @@ def _fmt(value, spec: str = ".1f", missing: str = "n/a") -> str:
     return format(value, spec)
 
 
+ENGINE_TITLE = {"sglang": "SGLang", "vllm": "vLLM", "openai": "OpenAI-compatible server"}
+ACCEPT_NOTE = {"sglang": "per-request mean of `meta_info.spec_accept_length`",
+               "vllm": "1 + accepted / drafts of the `/metrics` counters over the timed run",
+               "openai": "1 + accepted / drafts of the `/metrics` counters over the timed run"}
+
+
 class Reporter:
+    """Sections per (engine, attention backend); a run whose log holds several engines'
+    results names the engine in each section and gets an engine column."""
+
     def __init__(self, args: argparse.Namespace, paths: Paths, store: ResultStore,
                  settings: dict):
         self.args, self.paths, self.store, self.settings = args, paths, store, settings
         self.warnings: list[str] = []
+        self.engine = getattr(args, "engine", "sglang")
 
-    def backends(self) -> list[str]:
-        names = [b for b in self.settings.get("attention_backends_run", [])]
-        for (b, _, _) in self.store.results:
-            if b not in names:
-                names.append(b)
-        return [b for b in names if any(k[0] == b for k in self.store.results)] or names
+    def engines(self) -> list[str]:
+        names = [self.engine] + sorted({k[3] for k in self.store.results} - {self.engine})
+        present = [e for e in names if any(k[3] == e for k in self.store.results)]
+        return present or [self.engine]
 
-    def concurrencies(self, backend: str) -> list[int]:
-        cs = set(self.args.concurrency_list)
-        cs |= {c for (b, _, c) in self.store.results if b == backend}
+    def groups(self) -> list[tuple[str, str]]:
+        """(engine, backend) pairs, in run order."""
+        out = []
+        for e in self.engines():
+            names = list(self.settings.get("attention_backends_run", [])) \
+                if e == self.engine else []
+            for (b, _, _, ee) in self.store.results:
+                if ee == e and b not in names:
+                    names.append(b)
+            have = [b for b in names if any(k[0] == b and k[3] == e for k in self.store.results)]
+            out += [(e, b) for b in (have or names)]
+        return out
+
+    def _name(self, engine: str, backend: str) -> str:
+        return backend if len(self.engines()) == 1 else f"{engine} {backend}"
+
+    def concurrencies(self, backend: str, engine: str | None = None) -> list[int]:
+        engine = engine or self.engine
+        cs = set(self.args.concurrency_list) if engine == self.engine else set()
+        cs |= {c for (b, _, c, e) in self.store.results if b == backend and e == engine}
         return sorted(cs)
 
     def summary(self) -> dict:
         out = {}
-        for b in self.backends():
+        for e, b in self.groups():
             per = {}
-            for c in self.concurrencies(b):
-                base = self.store.results.get((b, "baseline", c))
-                spec = self.store.results.get((b, "dflash", c))
+            for c in self.concurrencies(b, e):
+                base = self.store.results.get((b, "baseline", c, e))
+                spec = self.store.results.get((b, "dflash", c, e))
                 bt = base.get("output_throughput") if base else None
                 dt = spec.get("output_throughput") if spec else None
                 per[str(c)] = {"baseline_output_throughput": bt, "dflash_output_throughput": dt,
@@ -110,14 +151,17 @@ class Reporter:
                                "accept_length": spec.get("accept_length") if spec else None,
                                "baseline_measured": base is not None,
                                "dflash_measured": spec is not None}
-            out[b] = per
+            out[self._name(e, b)] = per
         return out
 
     def to_json(self, status: str, error: str | None) -> dict:
-        return {"status": status, "error": error, "settings": self.settings,
+        order = {e: i for i, e in enumerate(self.engines())}
+        return {"status": status, "error": error, "engine": self.engine,
+                "engines": self.engines(), "settings": self.settings,
                 "identity": self.store.identity,
                 "results": [self.store.results[k] for k in sorted(
-                    self.store.results, key=lambda k: (k[0], MODES.index(k[1])
+                    self.store.results, key=lambda k: (order.get(k[3], 9), k[0],
+                                                       MODES.index(k[1])
                                                        if k[1] in MODES else 9, k[2]))],
                 "summary": self.summary(), "warnings": self.warnings,
                 "files": {"markdown": str(self.paths.md), "json": str(self.paths.json),
@@ -125,7 +169,13 @@ class Reporter:
 
     def to_markdown(self, status: str, error: str | None, plot_ok: bool) -> str:
         s = self.settings
-        lines = ["# SGLang DFlash throughput benchmark", ""]
+        engines = self.engines()
+        multi = len(engines) > 1
+        title = "Serving" if multi else ENGINE_TITLE.get(engines[0], engines[0])
+        lines = [f"# {title} DFlash throughput benchmark", ""]
+        if multi:
+            lines += ["Engines compared: " + ", ".join(ENGINE_TITLE.get(e, e) for e in engines)
+                      + f" (settings below are those of the last run, {self.engine}).", ""]
         if status != "complete":
             lines += [f"**Status: {status}.** {error or ''} Configurations measured so far are "
                       f"below; rerun with `--resume` to continue.", ""]
@@ -138,11 +188,15 @@ class Reporter:
             lines.append(f"| {key} | {str(value).replace('|', '/')} |")
         lines.append("")
         summary = self.summary()
-        for b, per in summary.items():
+        for e, b in self.groups():
+            per = summary[self._name(e, b)]
             cs = list(per)
-            lines += [f"## Attention backend: {b}", "",
+            head = (f"## {ENGINE_TITLE.get(e, e)}, attention backend: {b}" if multi
+                    else f"## Attention backend: {b}")
+            lines += [head, "",
                       "| metric | " + " | ".join(f"c={c}" for c in cs) + " |",
                       "|---|" + "---:|" * len(cs)]
+
             def row(name, key, spec, suffix=""):
                 cells = []
                 for c in cs:
@@ -160,29 +214,7 @@ class Reporter:
             row("speedup", "speedup", ".2f", "x")
             row("acceptance length", "accept_length", ".2f")
             lines.append("")
-            lines += ["Details (latencies in ms; acceptance length = per-request mean of "
-                      "`meta_info.spec_accept_length`):", "",
-                      "| mode | c | requests | output tokens | duration s | tok/s | req/s | "
-                      "mean lat | p50 lat | p99 lat | mean TTFT | p99 TTFT | mean TPOT | "
-                      "acceptance |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-                      "---:|---:|---:|"]
-            for mode in MODES:
-                for c in self.concurrencies(b):
-                    r = self.store.results.get((b, mode, c))
-                    if not r:
-                        continue
-                    lines.append(
-                        f"| {MODE_LABEL[mode]} | {c} | {r['completed']} | "
-                        f"{r['total_output_tokens']} | {_fmt(r['duration'], '.2f')} | "
-                        f"{_fmt(r['output_throughput'])} | {_fmt(r['request_throughput'], '.2f')}"
-                        f" | {_fmt(r['mean_e2e_latency_ms'], '.0f')} | "
-                        f"{_fmt(r['median_e2e_latency_ms'], '.0f')} | "
-                        f"{_fmt(r['p99_e2e_latency_ms'], '.0f')} | "
-                        f"{_fmt(r.get('mean_ttft_ms'), '.0f')} | "
-                        f"{_fmt(r.get('p99_ttft_ms'), '.0f')} | "
-                        f"{_fmt(r.get('mean_tpot_ms'), '.1f')} | "
-                        f"{_fmt(r.get('accept_length'), '.2f', '-' if mode == 'baseline' else 'n/a')} |")
-            lines.append("")
+            lines += self._details(e, b, multi)
         if plot_ok:
             lines += ["## Throughput vs concurrency", "",
                       f"![output throughput vs concurrency]({self.paths.png.name})", ""]
@@ -190,6 +222,33 @@ class Reporter:
             lines += ["## Warnings", ""] + [f"- {w}" for w in self.warnings] + [""]
         lines += [f"Raw records: `{self.paths.jsonl}`; JSON report: `{self.paths.json}`.", ""]
         return "\n".join(lines)
+
+    def _details(self, e: str, b: str, multi: bool) -> list[str]:
+        eng_head, eng_rule = ("engine | ", "---|") if multi else ("", "")
+        lines = [f"Details (latencies in ms; acceptance length = {ACCEPT_NOTE.get(e, '')}):", "",
+                 f"| {eng_head}mode | c | requests | output tokens | duration s | tok/s | req/s | "
+                 "mean lat | p50 lat | p99 lat | mean TTFT | p99 TTFT | mean TPOT | "
+                 f"acceptance |", f"|{eng_rule}---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                 "---:|---:|---:|---:|"]
+        for mode in MODES:
+            for c in self.concurrencies(b, e):
+                r = self.store.results.get((b, mode, c, e))
+                if not r:
+                    continue
+                eng = f"{e} | " if multi else ""
+                lines.append(
+                    f"| {eng}{MODE_LABEL[mode]} | {c} | {r['completed']} | "
+                    f"{r['total_output_tokens']} | {_fmt(r['duration'], '.2f')} | "
+                    f"{_fmt(r['output_throughput'])} | {_fmt(r['request_throughput'], '.2f')}"
+                    f" | {_fmt(r['mean_e2e_latency_ms'], '.0f')} | "
+                    f"{_fmt(r['median_e2e_latency_ms'], '.0f')} | "
+                    f"{_fmt(r['p99_e2e_latency_ms'], '.0f')} | "
+                    f"{_fmt(r.get('mean_ttft_ms'), '.0f')} | "
+                    f"{_fmt(r.get('p99_ttft_ms'), '.0f')} | "
+                    f"{_fmt(r.get('mean_tpot_ms'), '.1f')} | "
+                    f"{_fmt(r.get('accept_length'), '.2f', '-' if mode == 'baseline' else 'n/a')} |")
+        lines.append("")
+        return lines
 
     def write_plot(self) -> bool:
         if not self.store.results:
@@ -203,15 +262,15 @@ class Reporter:
             return False
         fig, ax = plt.subplots(figsize=(7, 4.5))
         xs: set[int] = set()
-        for k, b in enumerate(self.backends()):
+        for k, (e, b) in enumerate(self.groups()):
             for mode, style in (("baseline", "--"), ("dflash", "-")):
-                pts = sorted((c, r["output_throughput"]) for (bb, mm, c), r in
+                pts = sorted((c, r["output_throughput"]) for (bb, mm, c, ee), r in
                              self.store.results.items()
-                             if bb == b and mm == mode and r.get("output_throughput"))
+                             if bb == b and ee == e and mm == mode and r.get("output_throughput"))
                 if pts:
                     xs.update(p[0] for p in pts)
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
-                            color=f"C{k}", label=f"{b} {MODE_LABEL[mode]}")
+                            color=f"C{k}", label=f"{self._name(e, b)} {MODE_LABEL[mode]}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(xs), [str(x) for x in sorted(xs)])
         ax.minorticks_off()
@@ -236,7 +295,7 @@ class Reporter:
     def write(self, status: str, error: str | None = None, plot: bool = False) -> None:
         plot_ok = self.write_plot() if plot else self.paths.png.exists()
         atomic_write_bytes(self.paths.json,
-                     (json.dumps(self.to_json(status, error), indent=2) + "\n").encode())
+                           (json.dumps(self.to_json(status, error), indent=2) + "\n").encode())
         atomic_write_bytes(self.paths.md, self.to_markdown(status, error, plot_ok).encode())
 
 

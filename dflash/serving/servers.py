@@ -230,8 +230,9 @@ class ServerProcess:
     """A launched server in its own process group; ``stop`` kills the whole group."""
 
     def __init__(self, cmd: list[str], env_add: dict[str, str], log_path: Path, host: str,
-                 port: int, label: str, grace_s: float):
+                 port: int, label: str, grace_s: float, ready=None):
         self.cmd, self.env_add, self.log_path, self.label = cmd, env_add, log_path, label
+        self.ready = ready or check_ready_once  # (url, timeout) -> (ready, what was seen)
         self.host, self.port, self.grace_s = host, port, grace_s
         self.url = f"http://{host}:{port}"
         self.proc: subprocess.Popen | None = None
@@ -277,7 +278,7 @@ class ServerProcess:
                                 f"{self.url} (last check: {seen or 'no answer'}; log: "
                                 f"{self.log_path})", "raise --timeout-s if loading is slow",
                                 exit_code=1)
-            ok, seen = check_ready_once(self.url, timeout=max(0.5, min(30.0, remaining)))
+            ok, seen = self.ready(self.url, max(0.5, min(30.0, remaining)))
             if ok:
                 return time.monotonic() - t0
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))

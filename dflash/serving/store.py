@@ -43,8 +43,10 @@ def precheck(path: Path, resume: bool, flag: str) -> None:
                         "another --output-md / --results-jsonl; nothing was run or written")
 
 
-def config_key(rec: dict) -> tuple[str, str, int]:
-    return (rec["backend"], rec["mode"], int(rec["concurrency"]))
+def config_key(rec: dict) -> tuple[str, str, int, str]:
+    """(backend, mode, concurrency, engine): one log may hold several engines' runs (records
+    written before --engine existed are SGLang's)."""
+    return (rec["backend"], rec["mode"], int(rec["concurrency"]), rec.get("engine", "sglang"))
 
 
 class ResultStore:
@@ -110,8 +112,8 @@ class ResultStore:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def has(self, backend: str, mode: str, concurrency: int) -> bool:
-        return (backend, mode, concurrency) in self.results
+    def has(self, backend: str, mode: str, concurrency: int, engine: str = "sglang") -> bool:
+        return (backend, mode, concurrency, engine) in self.results
 
     def add(self, rec: dict) -> None:
         rec = dict(rec, record="result")
