@@ -24,6 +24,6 @@ fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   $PY -c "import sys, torch, transformers, tokenizers; print(sys.version.split()[0], torch.__version__, transformers.__version__, tokenizers.__version__)"
-  $PY -m dflash.make_embedded --out /tmp/dflash_embedded --work /tmp/dflash_work \
+  $PY -m dflash.training.make_embedded --out /tmp/dflash_embedded --work /tmp/dflash_work \
       --pack "$OUT" --seed 0 --deadline 450 "$@"
 } 2>&1 | tee "$OUT/log"

@@ -1,6 +1,6 @@
 """Build the embedded tiny pair end to end: corpus -> tokenizer -> target -> data -> draft -> eval.
 
-    python -m dflash.make_embedded --out OUT [--work /tmp/work] [options]
+    python -m dflash.training.make_embedded --out OUT [--work /tmp/work] [options]
 
 writes ``OUT/tiny-target/`` (Qwen3, bf16 safetensors, tokenizer with chat template),
 ``OUT/tiny-draft/`` (DFlash draft, z-lab format, bf16) and ``OUT/metrics.json``. The
@@ -83,7 +83,7 @@ def file_mb(folder: Path) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dflash.make_embedded", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m dflash.training.make_embedded", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="where tiny-target/, tiny-draft/, metrics.json go")
     ap.add_argument("--work", default=None, help="scratch folder (corpus, data); default OUT/work")

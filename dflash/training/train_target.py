@@ -7,11 +7,11 @@ held-out sets by file, so held-out perplexity is measured on unseen files.
 
 Commands (each has --help)::
 
-    python -m dflash.train_target corpus    --out data/corpus [--python-mb 40 ...]
-    python -m dflash.train_target tokenizer --corpus data/corpus --out models/my-target
-    python -m dflash.train_target train     --corpus data/corpus --tokenizer models/my-target \\
+    python -m dflash.training.train_target corpus    --out data/corpus [--python-mb 40 ...]
+    python -m dflash.training.train_target tokenizer --corpus data/corpus --out models/my-target
+    python -m dflash.training.train_target train     --corpus data/corpus --tokenizer models/my-target \\
                                             --out models/my-target [--steps 2500 ...]
-    python -m dflash.train_target eval      --corpus data/corpus --model models/my-target
+    python -m dflash.training.train_target eval      --corpus data/corpus --model models/my-target
 
 ``python -m dflash.make_embedded`` runs these (and the draft recipe) end to end.
 """
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .synth_text import render_document, synth_examples
+from ..engine.device import pick_device
 
 EOS, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
 
@@ -274,12 +275,6 @@ class Schedule:
         return min(self.steps, max(step, int(step * self.time_budget / max(el, 1e-6))))
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def train_target(stream: np.ndarray, tokenizer, out_dir: Path, *, steps=2500, batch=32,
                  seq_len=512, lr=2e-3, weight_decay=0.1, seed=0, device="auto",
                  time_budget: float | None = None, model_kwargs: dict | None = None,
@@ -411,7 +406,7 @@ def evaluate_target(model_dir: Path, corpus_dir: Path, device="auto", log=print)
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dflash.train_target",
+    ap = argparse.ArgumentParser(prog="python -m dflash.training.train_target",
                                  description="Build a tiny Qwen3 target from scratch: corpus, "
                                              "tokenizer, training, evaluation.")
     sub = ap.add_subparsers(dest="cmd", required=True)
