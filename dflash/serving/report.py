@@ -248,6 +248,13 @@ class Reporter:
                     f"{_fmt(r.get('mean_tpot_ms'), '.1f')} | "
                     f"{_fmt(r.get('accept_length'), '.2f', '-' if mode == 'baseline' else 'n/a')} |")
         lines.append("")
+        per_pos = [(c, r["accept_rate_per_position"]) for c in self.concurrencies(b, e)
+                   for r in [self.store.results.get((b, "dflash", c, e))]
+                   if r and r.get("accept_rate_per_position")]
+        if per_pos:  # from vLLM's per-position counter: P(draft token k accepted) per draft
+            lines += ["Acceptance rate per draft position (accepted at position k / drafts):",
+                      ""] + [f"- c={c}: " + ", ".join(f"{v:.2f}" for v in rates)
+                             for c, rates in per_pos] + [""]
         return lines
 
     def write_plot(self) -> bool:
