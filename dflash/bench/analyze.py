@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import glob
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, run_cli
+from .report import save_figure
 
 GOOD_STATUS = ("ok", "partial")
 
@@ -336,11 +336,7 @@ def scatter_plot(df, path: Path) -> None:
     axes[0].legend(fontsize=8, loc="best")
     fig.suptitle("speedup vs acceptance (numbers = block size)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _clean(obj):

@@ -7,21 +7,18 @@ and one summary JSON that the sweep and analysis tools read.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from . import common as bench
+from . import runner, units
 from .. import runlog
-from . import units
-from ..datasets import load_prompts
 from ..decoding.loop import SpeculativeDecoder
+from ..engine.device import pick_device
+from ..errors import CliArgumentParser, UserError
 from ..model.draft import resolve_dtype
-from ..errors import EXIT_FAILED, CliArgumentParser, UserError
 from .metrics import format_histogram, measure, speedup, summarize
-from ..runlog import GracefulStop, RunLog, atomic_write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None,
                    help="draft block size (default: the draft's own, 16 for z-lab b16 drafts); "
                         "1 runs the autoregressive baseline only")
-    p.add_argument("--skip-baseline", action="store_true",
-                   help="do not run the autoregressive baseline (speedup then comes from elsewhere)")
-    p.add_argument("--collect-profile", action="store_true",
-                   help="time draft and verify per cycle with device events")
+    bench.add_switches(p, [
+        ("--skip-baseline", "do not run the autoregressive baseline (speedup then comes from "
+                            "elsewhere)"),
+        ("--collect-profile", "time draft and verify per cycle with device events")])
     p.add_argument("--warmup-runs", type=int, default=1,
                    help="untimed warm-up generations per mode before measuring (default 1)")
     return p
@@ -89,32 +86,14 @@ def resolve_models(args, device) -> tuple[str, str]:
 
 
 def default_summary_path(args, block_size) -> str:
-    if args.output_json:
-        return args.output_json
-    if args.save_outputs_path:
-        return str(Path(args.save_outputs_path).with_suffix(".summary.json"))
-    return f"outputs/benchmark_{args.dataset}_b{block_size}.json"
+    return runner.summary_path(args, f"outputs/benchmark_{args.dataset}_b{block_size}.json")
 
 
 def _generate_turns(decoder, pair, prompt, args, block_size, seed, profile):
     """Run every turn of a prompt; later turns see the earlier replies. Returns results, text."""
-    stops = bench.stop_token_ids(pair)
-    messages, results, texts = [], [], []
-    gen = torch.Generator(device=pair.device).manual_seed(seed)
-    for turn in prompt["turns"]:
-        messages.append({"role": "user", "content": turn})
-        ids = bench.encode_chat(pair.tokenizer, messages, enable_thinking=args.enable_thinking,
-                                raw=args.no_chat_template)
-        input_ids = torch.tensor([ids], device=pair.device)
-        with bench.no_gc_pauses():
-            res = decoder.generate(input_ids, args.max_new_tokens, temperature=args.temperature,
-                                   stop_token_ids=stops, block_size=block_size, generator=gen,
-                                   collect_profile=profile)
-        results.append(res)
-        reply = pair.tokenizer.decode(res.output_ids, skip_special_tokens=True)
-        texts.append(reply)
-        messages.append({"role": "assistant", "content": reply})
-    return results, texts
+    return runner.generate_turns(pair, prompt, args, seed, lambda ids, stops, gen: decoder.generate(
+        ids, args.max_new_tokens, temperature=args.temperature, stop_token_ids=stops,
+        block_size=block_size, generator=gen, collect_profile=profile))
 
 
 def warm_up(decoder, pair, prompts, args, block_size):
@@ -122,9 +101,7 @@ def warm_up(decoder, pair, prompts, args, block_size):
         bench.reserve_for_prompts(decoder, pair, prompts, args)
     if not prompts or args.warmup_runs == 0:
         return
-    ids = bench.encode_chat(pair.tokenizer, [{"role": "user", "content": prompts[0]["turns"][0]}],
-                            enable_thinking=args.enable_thinking, raw=args.no_chat_template)
-    input_ids = torch.tensor([ids], device=pair.device)
+    input_ids = runner.encode(pair, args, [{"role": "user", "content": prompts[0]["turns"][0]}])
     for _ in range(args.warmup_runs):
         for b in ([1] if not args.skip_baseline else []) + ([block_size] if block_size > 1 else []):
             decoder.generate(input_ids, min(args.max_new_tokens, 64), temperature=args.temperature,
@@ -159,7 +136,7 @@ def main(argv=None) -> int:
     check_args(args)
     # -- everything below up to init_distributed only reads: a refusal leaves no file behind
     here = bench.dist_from_env()
-    device = bench.pick_device(args.device, here)
+    device = pick_device(args.device, here.local_rank)
     model_name, draft_name = resolve_models(args, device)
     baseline_only = args.block_size == 1
     draft_used = None if baseline_only else draft_name
@@ -179,66 +156,21 @@ def main(argv=None) -> int:
                     unknown=() if planned_block is not None else ("block_size",))
 
     dist = bench.init_distributed(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     if dist.main and device.type != "cuda" and (args.model_name_or_path is None
                                                 or args.draft_name_or_path is None):
         bench.default_model_names(args.model_name_or_path, args.draft_name_or_path, device)
-    prompts, source = load_prompts(args.dataset, args.max_samples,
-                                   offline_fallback=args.offline_fallback)
-    if dist.main and source != "built-in" and not source.startswith(("cache", "hub")):
-        print(f"Prompts of '{args.dataset}' from {source}.", file=sys.stderr)
-    pair = bench.load_pair(model_name, draft_used, device, args.dtype, args.trust_remote_code)
+    prompts, source, pair = runner.load_inputs(args, dist, device, model_name, draft_used)
     block_size = 1 if baseline_only else (args.block_size or pair.draft.block_size)
     torch.manual_seed(args.seed)
     config = run_config(args, pair.target_name, pair.draft_name, pair.dtype, block_size)
-    out_json = default_summary_path(args, block_size)
-
-    log = None
-    if out_jsonl:
-        log = RunLog(out_jsonl, config, resume=args.resume, write_header=dist.main)
-        if dist.world > 1:
-            import torch.distributed as tdist
-            tdist.barrier()  # rank 0 wrote the header (or refused) before others append
-    mine = prompts[dist.rank::dist.world]
-    todo, records = units.split_resumed(mine, log)
-    resumed = len(records)
-    if dist.main:
-        units.announce_resumed(records, log)
-
     decoder = SpeculativeDecoder(pair.target, pair.draft, engine=args.engine)
-    progress = _progress(len(mine), len(records), dist)
-    with GracefulStop() as stop:
-        try:
-            failure = units.run_units(
-                todo, lambda prompt: run_sample(decoder, pair, prompt, args, block_size),
-                stop=stop, records=records, dataset=args.dataset, log=log,
-                continue_on_error=args.continue_on_error, rank=dist.rank,
-                warm_up=lambda: warm_up(decoder, pair, todo or mine, args, block_size),
-                on_record=lambda i, prompt, rec: progress.update(1))
-        finally:
-            progress.close()
-
-        status = {"records": records, "signal": stop.signum, "failed": failure is not None,
-                  "resumed": resumed, "ignored": log.ignored_lines if log else 0}
-        everyone = bench.all_gather(status, dist)
-        for part in everyone:
-            if part["signal"] is not None:
-                stop.note(part["signal"])
-        if dist.main:
-            every = units.sort_like([r for part in everyone for r in part["records"]], prompts)
-            summary = build_summary(args, config, every, device, source, dist.world,
-                                    expected=len(prompts), interrupted_by=stop.signal_name,
-                                    stopped_on_error=any(p["failed"] for p in everyone),
-                                    resumed=sum(p["resumed"] for p in everyone),
-                                    ignored_lines=everyone[0]["ignored"])
-            atomic_write_json(out_json, summary)
-            print_summary(summary, out_json)
-        bench.barrier_and_close(dist, barrier=not stop.requested)
-    units.raise_failure(failure)
-    if any(p["failed"] for p in everyone):
-        return EXIT_FAILED
-    return stop.exit_code()
+    return runner.run_sharded(
+        args, dist, prompts, config, default_summary_path(args, block_size),
+        run_one=lambda prompt: run_sample(decoder, pair, prompt, args, block_size),
+        warm_up=lambda todo: warm_up(decoder, pair, todo, args, block_size),
+        summarize=lambda records, status: build_summary(args, config, records, device, source,
+                                                        dist.world, status),
+        report=print_summary, progress=True)
 
 
 def _first_divergence(base, spec):
@@ -251,9 +183,8 @@ def _first_divergence(base, spec):
     return None
 
 
-def build_summary(args, config, records, device, source, world, *, expected: int,
-                  interrupted_by: str | None = None, stopped_on_error: bool = False,
-                  resumed: int = 0, ignored_lines: int = 0) -> dict:
+def build_summary(args, config, records, device, source, world, status: dict) -> dict:
+    """``status``: :func:`dflash.bench.units.run_status` of the run (complete, interrupted_by...)."""
     ok = [r for r in records if "error" not in r]
     base = summarize([r.get("baseline") for r in ok])
     spec = summarize([r.get("speculative") for r in ok])
@@ -262,9 +193,7 @@ def build_summary(args, config, records, device, source, world, *, expected: int
         "config": config,
         "dataset_source": source,
         "world_size": world,
-        **units.run_status(records, expected, interrupted_by=interrupted_by,
-                           stopped_on_error=stopped_on_error, resumed=resumed,
-                           ignored_lines=ignored_lines),
+        **status,
         "sample_ids": [r["id"] for r in records],
         "baseline": base,
         "speculative": spec,
@@ -277,19 +206,6 @@ def build_summary(args, config, records, device, source, world, *, expected: int
         "per_sample": [{k: v for k, v in r.items() if k != "output_text"} for r in records],
     }
     return summary
-
-
-def _progress(total, done, dist):
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, initial=done, desc=f"samples (rank {dist.rank})" if dist.world > 1
-                    else "samples", disable=not dist.main and dist.world > 1, file=sys.stderr,
-                    dynamic_ncols=True)
-    except ImportError:  # pragma: no cover
-        class _Null:
-            def update(self, n): pass
-            def close(self): pass
-        return _Null()
 
 
 def print_summary(s: dict, path: str) -> None:

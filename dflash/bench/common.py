@@ -49,23 +49,26 @@ def add_common_args(parser: argparse.ArgumentParser, *, dataset_default: str | N
     parser.add_argument("--engine", default="auto", choices=["auto", "fast", "static", "hf"],
                         help="static: preallocated KV cache (+CUDA graphs on GPU); hf: plain eager "
                              "Transformers reference path")
-    parser.add_argument("--enable-thinking", action="store_true",
-                        help="keep Qwen3 thinking mode on in the chat template (off by default)")
-    parser.add_argument("--no-chat-template", action="store_true",
-                        help="feed the raw prompt text instead of applying the chat template")
-    parser.add_argument("--offline-fallback", action="store_true",
-                        help="if a hub dataset is out of reach, use the built-in set of its category")
+    add_switches(parser, [
+        ("--enable-thinking", "keep Qwen3 thinking mode on in the chat template (off by default)"),
+        ("--no-chat-template", "feed the raw prompt text instead of applying the chat template"),
+        ("--offline-fallback", "if a hub dataset is out of reach, use the built-in set of its "
+                               "category")])
     parser.add_argument("--save-outputs-path", default=None,
                         help="per-sample JSONL, appended as each sample finishes")
     parser.add_argument("--output-json", default=None, help="summary JSON (default: next to the JSONL, "
                                                             "or outputs/<script>_<dataset>.json)")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip samples already in --save-outputs-path for the same configuration")
-    parser.add_argument("--continue-on-error", action="store_true",
-                        help="record a failing sample (e.g. out of memory) and go on")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow model repos to run their own code (never on by default)")
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    add_switches(parser, [
+        ("--resume", "skip samples already in --save-outputs-path for the same configuration"),
+        ("--continue-on-error", "record a failing sample (e.g. out of memory) and go on"),
+        ("--trust-remote-code", "allow model repos to run their own code (never on by default)"),
+        ("--verbose", "show tracebacks on errors")])
+
+
+def add_switches(parser, switches) -> None:
+    """On/off flags (``store_true``), given as (flag, help) pairs."""
+    for flag, text in switches:
+        parser.add_argument(flag, action="store_true", help=text)
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -274,16 +277,6 @@ def barrier_and_close(d: Dist, barrier: bool = True) -> None:
 
 
 # ----------------------------------------------------------------------------- models
-def pick_device(flag: str, d: Dist) -> torch.device:
-    if flag == "auto":
-        return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if flag.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {flag} requested but CUDA is not available", "use --device cpu")
-    if flag == "cuda":
-        return torch.device(f"cuda:{d.local_rank}")
-    return torch.device(flag)
-
-
 def default_model_names(model: str | None, draft: str | None, device: torch.device,
                         announce: bool = True) -> tuple[str, str]:
     """The spec's hub pair on CUDA, the embedded tiny pair on CPU (announced in one line)."""

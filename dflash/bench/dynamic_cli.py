@@ -15,19 +15,17 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from . import common as bench
+from . import runner, units
 from .. import runlog
-from . import units
-from ..datasets import load_prompts
 from ..decoding.loop import SpeculativeDecoder
+from ..engine.device import pick_device
+from ..errors import CliArgumentParser, UserError
 from ..model.draft import resolve_dtype
-from ..errors import EXIT_FAILED, CliArgumentParser, UserError
 from .metrics import format_histogram, measure, speedup, summarize
-from ..runlog import GracefulStop, RunLog, atomic_write_json
 from ..decoding.scheduler import POLICIES, CostModelScheduler, EWMAScheduler, parse_candidates
 
 SCRIPT = "benchmark_dynamic_schedule.py"
@@ -59,21 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ewma: the spec's EWMA throughput scheduler; costmodel: E[tau(b)]/cost(b) "
                         "from a per-position acceptance model (default ewma)")
     g = p.add_argument_group("EWMA scheduler (defaults: the spec's)")
-    g.add_argument("--warmup-cycles", type=int, default=None,
-                   help="cycles per candidate at the start, round-robin (default 2)")
-    g.add_argument("--ewma-alpha", type=float, default=None, help="EWMA weight in (0, 1] (default 0.10)")
-    g.add_argument("--switch-margin", type=float, default=None,
-                   help="relative score gain needed to switch (default 0.05; costmodel 0.01)")
-    g.add_argument("--required-streak", type=int, default=None,
-                   help="consecutive wins before a switch (default 2; costmodel 1)")
-    g.add_argument("--cooldown-cycles", type=int, default=None,
-                   help="cycles after a switch without switching (default 2)")
-    g.add_argument("--probe-interval", type=int, default=None,
-                   help="a one-cycle probe every N cycles, 0 = never (default 12; costmodel 32)")
-    g.add_argument("--low-accept-threshold", type=float, default=None,
-                   help="tau / block size below this counts as low acceptance (default 0.35)")
-    g.add_argument("--low-accept-streak", type=int, default=None,
-                   help="low-acceptance cycles in a row that step down one size (default 2)")
+    for flag, kind, text in (  # unset: the chosen policy's own default
+            ("--warmup-cycles", int, "cycles per candidate at the start, round-robin (default 2)"),
+            ("--ewma-alpha", float, "EWMA weight in (0, 1] (default 0.10)"),
+            ("--switch-margin", float,
+             "relative score gain needed to switch (default 0.05; costmodel 0.01)"),
+            ("--required-streak", int, "consecutive wins before a switch (default 2; costmodel 1)"),
+            ("--cooldown-cycles", int, "cycles after a switch without switching (default 2)"),
+            ("--probe-interval", int,
+             "a one-cycle probe every N cycles, 0 = never (default 12; costmodel 32)"),
+            ("--low-accept-threshold", float,
+             "tau / block size below this counts as low acceptance (default 0.35)"),
+            ("--low-accept-streak", int,
+             "low-acceptance cycles in a row that step down one size (default 2)")):
+        g.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--draft-block-size", type=int, default=None,
                    help="truncation mode: the draft always drafts this many tokens (its trained "
                         "block size is the default) and a cycle of block size b verifies only "
@@ -174,11 +171,7 @@ def static_modes(candidates, trunc: int | None) -> list[tuple[str, int, int | No
 
 
 def summary_path(args) -> str:
-    if args.output_json:
-        return args.output_json
-    if args.save_outputs_path:
-        return str(Path(args.save_outputs_path).with_suffix(".summary.json"))
-    return f"outputs/dynamic_{args.dataset}_{args.policy}.json"
+    return runner.summary_path(args, f"outputs/dynamic_{args.dataset}_{args.policy}.json")
 
 
 def precheck(args, candidates, device, model_name: str, draft_name: str) -> None:
@@ -211,27 +204,20 @@ def _generate_turns(decoder, pair, prompt, args, seed, *, block_size=None, polic
     """Every turn of a prompt (later turns see earlier replies). A scheduler starts afresh on
     each turn (unless --keep-estimates); the cost model keeps its cycle-cost measurements (a
     hardware property)."""
-    stops = bench.stop_token_ids(pair)
-    messages, results, texts, traces = [], [], [], []
-    gen = torch.Generator(device=pair.device).manual_seed(seed)
-    for turn in prompt["turns"]:
-        messages.append({"role": "user", "content": turn})
-        ids = bench.encode_chat(pair.tokenizer, messages, enable_thinking=args.enable_thinking,
-                                raw=args.no_chat_template)
-        input_ids = torch.tensor([ids], device=pair.device)
+    traces = []
+
+    def one_turn(input_ids, stops, gen):
         if policy is not None:
             _reset(policy, args.keep_estimates)
-        with bench.no_gc_pauses():
-            res = decoder.generate(input_ids, args.max_new_tokens, temperature=args.temperature,
-                                   stop_token_ids=stops, block_size=block_size, policy=policy,
-                                   generator=gen, max_block_size=max_block_size,
-                                   draft_block_size=trunc)
-        results.append(res)
+        res = decoder.generate(input_ids, args.max_new_tokens, temperature=args.temperature,
+                               stop_token_ids=stops, block_size=block_size, policy=policy,
+                               generator=gen, max_block_size=max_block_size,
+                               draft_block_size=trunc)
         if policy is not None:
             traces.append(_trace(res, policy))
-        reply = pair.tokenizer.decode(res.output_ids, skip_special_tokens=True)
-        texts.append(reply)
-        messages.append({"role": "assistant", "content": reply})
+        return res
+
+    results, texts = runner.generate_turns(pair, prompt, args, seed, one_turn)
     return results, texts, traces
 
 
@@ -276,9 +262,7 @@ def warm_up(decoder, pair, prompt, args, candidates, policy, trunc, prompts=()) 
                               extra=max(candidates + [trunc or 0]) + 64)
     if args.warmup_runs == 0:
         return
-    ids = bench.encode_chat(pair.tokenizer, [{"role": "user", "content": prompt["turns"][0]}],
-                            enable_thinking=args.enable_thinking, raw=args.no_chat_template)
-    input_ids = torch.tensor([ids], device=pair.device)
+    input_ids = runner.encode(pair, args, [{"role": "user", "content": prompt["turns"][0]}])
     n = min(args.max_new_tokens, 64)
     modes = ([] if args.skip_baseline else [(1, None)]) + \
         ([(b, t) for _, b, t in static_modes(candidates, trunc or pair.draft.block_size)]
@@ -345,19 +329,13 @@ def main(argv=None) -> int:
     candidates = check_args(args)
     # -- up to init_distributed everything only reads: a refusal leaves no file behind
     here = bench.dist_from_env()
-    device = bench.pick_device(args.device, here)
+    device = pick_device(args.device, here.local_rank)
     model_name, draft_name = bench.default_model_names(args.model_name_or_path,
                                                        args.draft_name_or_path, device,
                                                        announce=here.main)
     precheck(args, candidates, device, model_name, draft_name)
     dist = bench.init_distributed(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    prompts, source = load_prompts(args.dataset, args.max_samples,
-                                   offline_fallback=args.offline_fallback)
-    if dist.main and source != "built-in" and not source.startswith(("cache", "hub")):
-        print(f"Prompts of '{args.dataset}' from {source}.", file=sys.stderr)
-    pair = bench.load_pair(model_name, draft_name, device, args.dtype, args.trust_remote_code)
+    prompts, source, pair = runner.load_inputs(args, dist, device, model_name, draft_name)
     trained = pair.draft.block_size
     if dist.main and max(candidates) > trained:
         print(f"note: candidates above the draft's training block size ({trained}) usually "
@@ -369,63 +347,26 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     config = run_config(args, pair.target_name, pair.draft_name, pair.draft.block_size,
                         pair.dtype, candidates)
-
-    out_jsonl = args.save_outputs_path
-    out_json = summary_path(args)
-    log = None
-    if out_jsonl:
-        log = RunLog(out_jsonl, config, resume=args.resume, write_header=dist.main)
-        if dist.world > 1:
-            import torch.distributed as tdist
-            tdist.barrier()
-    mine = prompts[dist.rank::dist.world]
-    todo, records = units.split_resumed(mine, log)
-    resumed = len(records)
-    if dist.main:
-        units.announce_resumed(records, log)
-
     decoder = SpeculativeDecoder(pair.target, pair.draft, engine=args.engine)
     policy = make_policy(args, candidates)
 
-    def verbose_line(i, prompt, rec):
+    def verbose_line(shard, i, prompt, rec):
         if dist.main and args.verbose:
             d = rec.get("dynamic") or {}
-            print(f"[{len(records)}/{len(mine)}] {prompt['id']}: tau "
+            print(f"[{len(shard.records)}/{len(shard.mine)}] {prompt['id']}: tau "
                   f"{d.get('tau', 0):.2f}, blocks {d.get('block_counts')}", file=sys.stderr)
 
-    with GracefulStop() as stop:  # SIGINT/SIGTERM: drop the unit in progress, keep the rest
-        failure = units.run_units(
-            todo, lambda prompt: run_sample(decoder, pair, prompt, args, candidates, policy,
-                                            trunc),
-            stop=stop, records=records, dataset=args.dataset, log=log,
-            continue_on_error=args.continue_on_error, rank=dist.rank,
-            warm_up=(lambda: warm_up(decoder, pair, (todo or mine)[0], args, candidates, policy,
-                                      trunc, todo or mine))
-            if todo or mine else None,
-            on_record=verbose_line)
+    def warm(todo):
+        if todo:
+            warm_up(decoder, pair, todo[0], args, candidates, policy, trunc, todo)
 
-        everyone = bench.all_gather({"records": records, "signal": stop.signum,
-                                     "failed": failure is not None, "resumed": resumed,
-                                     "ignored": log.ignored_lines if log else 0}, dist)
-        for part in everyone:
-            if part["signal"] is not None:
-                stop.note(part["signal"])
-        stopped_on_error = any(part["failed"] for part in everyone)
-        if dist.main:
-            every = units.sort_like([r for part in everyone for r in part["records"]], prompts)
-            status = units.run_status(every, len(prompts), interrupted_by=stop.signal_name,
-                                      stopped_on_error=stopped_on_error,
-                                      resumed=sum(part["resumed"] for part in everyone),
-                                      ignored_lines=everyone[0]["ignored"])
-            summary = build_summary(args, config, every, candidates, device, source, dist.world,
-                                    status)
-            atomic_write_json(out_json, summary)
-            print(format_summary(summary, out_json))
-        bench.barrier_and_close(dist, barrier=not stop.requested)
-    units.raise_failure(failure)
-    if stopped_on_error:
-        return EXIT_FAILED
-    return stop.exit_code()
+    return runner.run_sharded(
+        args, dist, prompts, config, summary_path(args),
+        run_one=lambda prompt: run_sample(decoder, pair, prompt, args, candidates, policy, trunc),
+        warm_up=warm, on_record=verbose_line,
+        summarize=lambda records, status: build_summary(args, config, records, candidates,
+                                                        device, source, dist.world, status),
+        report=lambda summary, path: print(format_summary(summary, path)))
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -14,20 +14,18 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from . import common as bench
+from . import runner, units
 from .. import runlog
-from . import units
-from ..datasets import load_prompts
 from ..decoding.loop import SpeculativeDecoder
-from ..model.draft import resolve_dtype
-from ..errors import CliArgumentParser, UserError
-from .metrics import measure, speedup, summarize
 from ..decoding.multiround import MultiRoundDecoder
-from ..runlog import GracefulStop, RunLog, atomic_write_json
+from ..engine.device import pick_device
+from ..errors import CliArgumentParser, UserError, parse_int_list
+from ..model.draft import resolve_dtype
+from .metrics import measure, speedup, summarize
 
 SCRIPT = "benchmark_multiround_spec.py"
 
@@ -54,17 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_block_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in str(text).replace(" ", "").split(",") if x != ""]
-    except ValueError as err:
-        raise UserError(f"--round-block-sizes '{text}' is not a comma-separated list of integers",
-                        "for example --round-block-sizes 16,12") from err
-    if not sizes:
-        raise UserError("--round-block-sizes is empty", "for example --round-block-sizes 16,12")
-    bad = [b for b in sizes if b < 2]
-    if bad:
-        raise UserError(f"--round-block-sizes must all be >= 2 (a block of 1 proposes nothing), got {bad}")
-    return sizes
+    return parse_int_list(text, "--round-block-sizes", minimum=2, duplicates="keep",
+                          example="16,12", why=" (a block of 1 proposes nothing)")
 
 
 def check_args(args) -> list[int]:
@@ -101,11 +90,7 @@ def run_config(args, model_name: str, draft_name: str, dtype, device, sizes, sin
 
 
 def summary_path(args) -> str:
-    if args.output_json:
-        return args.output_json
-    if args.save_outputs_path:
-        return str(Path(args.save_outputs_path).with_suffix(".summary.json"))
-    return f"outputs/multiround_{args.dataset}.json"
+    return runner.summary_path(args, f"outputs/multiround_{args.dataset}.json")
 
 
 def planned_config(args, sizes, device, model_name: str, draft_name: str) -> dict:
@@ -133,25 +118,10 @@ def _methods(args, pair, sizes, single_b):
     return out
 
 
-def _encode(pair, args, messages):
-    return torch.tensor([bench.encode_chat(pair.tokenizer, messages,
-                                           enable_thinking=args.enable_thinking,
-                                           raw=args.no_chat_template)], device=pair.device)
-
-
 def _generate_turns(fn, pair, prompt, args, seed):
     """Every turn of a prompt (later turns see earlier replies) -> (results, texts)."""
-    stops = bench.stop_token_ids(pair)
-    gen = torch.Generator(device=pair.device).manual_seed(seed)
-    messages, results, texts = [], [], []
-    for turn in prompt["turns"]:
-        messages.append({"role": "user", "content": turn})
-        res = fn(_encode(pair, args, messages), stops, gen, args.max_new_tokens)
-        results.append(res)
-        reply = pair.tokenizer.decode(res.output_ids, skip_special_tokens=True)
-        texts.append(reply)
-        messages.append({"role": "assistant", "content": reply})
-    return results, texts
+    return runner.generate_turns(pair, prompt, args, seed, lambda ids, stops, gen: fn(
+        ids, stops, gen, args.max_new_tokens), timed=False)
 
 
 def measure_method(results, max_block: int) -> dict:
@@ -198,7 +168,7 @@ def summarize_method(records: list[dict]) -> dict | None:
 def warm_up(methods, pair, prompts, args):
     if not prompts or args.warmup_runs == 0:
         return
-    ids = _encode(pair, args, [{"role": "user", "content": prompts[0]["turns"][0]}])
+    ids = runner.encode(pair, args, [{"role": "user", "content": prompts[0]["turns"][0]}])
     gen = torch.Generator(device=pair.device).manual_seed(args.seed)
     for _ in range(args.warmup_runs):
         for fn, _b in methods.values():
@@ -208,7 +178,7 @@ def warm_up(methods, pair, prompts, args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sizes = check_args(args)
-    device = bench.pick_device(args.device, bench.Dist())
+    device = pick_device(args.device, 0)
     model_name, draft_name = bench.default_model_names(args.model_name_or_path,
                                                        args.draft_name_or_path, device)
     # -- before any model loads: where the summary goes, and a --resume of another run
@@ -217,46 +187,27 @@ def main(argv=None) -> int:
     bench.check_writable(out_json, "summary path")
     runlog.precheck(out_jsonl, config, args.resume)
 
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    prompts, source = load_prompts(args.dataset, args.max_samples,
-                                   offline_fallback=args.offline_fallback)
-    if source != "built-in" and not source.startswith(("cache", "hub")):
-        print(f"Prompts of '{args.dataset}' from {source}.", file=sys.stderr)
-    pair = bench.load_pair(model_name, draft_name, device, args.dtype, args.trust_remote_code)
+    dist = bench.Dist()
+    prompts, source, pair = runner.load_inputs(args, dist, device, model_name, draft_name)
     single_b = args.single_block_size or sizes[0]
     torch.manual_seed(args.seed)
     methods = _methods(args, pair, sizes, single_b)
     config = run_config(args, pair.target_name, pair.draft_name, pair.dtype, pair.device, sizes,
                         single_b, list(methods))
 
-    log = RunLog(out_jsonl, config, resume=args.resume) if out_jsonl else None
-    todo, records = units.split_resumed(prompts, log)
-    resumed = len(records)
-    units.announce_resumed(records, log)
-
-    def verbose_line(n, prompt, rec):
+    def verbose_line(shard, n, prompt, rec):
         if args.verbose and "error" not in rec:
-            print(f"[{n}/{len(todo)}] {prompt['id']}: " + ", ".join(
+            print(f"[{n}/{len(shard.todo)}] {prompt['id']}: " + ", ".join(
                 f"{m} {rec[m]['tokens_per_target_pass']:.2f} tok/pass" for m in methods),
                 file=sys.stderr)
 
-    with GracefulStop() as stop:
-        failure = units.run_units(
-            todo, lambda prompt: run_sample(methods, pair, prompt, args),
-            stop=stop, records=records, dataset=args.dataset, log=log,
-            continue_on_error=args.continue_on_error,
-            warm_up=lambda: warm_up(methods, pair, todo or prompts, args),
-            on_record=verbose_line)
-        records = units.sort_like(records, prompts)
-        status = units.run_status(records, len(prompts), interrupted_by=stop.signal_name,
-                                  stopped_on_error=failure is not None, resumed=resumed,
-                                  ignored_lines=log.ignored_lines if log else 0)
-        summary = build_summary(args, config, records, methods, device, source, status)
-        atomic_write_json(out_json, summary)
-        print_summary(summary, out_json)
-    units.raise_failure(failure)
-    return stop.exit_code()
+    return runner.run_sharded(
+        args, dist, prompts, config, out_json,
+        run_one=lambda prompt: run_sample(methods, pair, prompt, args),
+        warm_up=lambda todo: warm_up(methods, pair, todo, args), on_record=verbose_line,
+        summarize=lambda records, status: build_summary(args, config, records, methods, device,
+                                                        source, status),
+        report=print_summary, tag_rank=False)
 
 
 def run_sample(methods, pair, prompt, args) -> dict:

@@ -37,12 +37,7 @@ from ..model.draft import DFlashDraft, DraftConfig, default_target_layer_ids
 from .data import collate, generate_data, read_prompt_file
 from .evaluate import decode_check, greedy_stats, simulated_tau
 from .recipe import default_gamma, recipe_loss
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from ..engine.device import pick_device
 
 
 # ----------------------------------------------------------------------------- draft setup

@@ -514,8 +514,8 @@ DYNAMIC_CASES = [
 ]
 
 MULTIROUND_CASES = [
-    ([("--round-block-sizes", "1,4")], "must all be >= 2"),
-    ([("--round-block-sizes", "16,x")], "not a comma-separated list of integers"),
+    ([("--round-block-sizes", "1,4")], "--round-block-sizes must be >= 2"),
+    ([("--round-block-sizes", "16,x")], "--round-block-sizes must be integers, got 'x'"),
     ([("--single-block-size", "1")], "--single-block-size must be >= 2"),
     ([("--mode", "tree"), ("--engine", "hf")], "needs the static engine"),
     ([("--mode", "sideways")], "invalid choice: 'sideways'"),

@@ -155,7 +155,7 @@ def test_sweep_variables():
     ("benchmark", {"TASKS": "aime25:0"}, "max_samples >= 1"),
     ("benchmark", {"TASKS": "aime25:x"}, "dataset:max_samples"),
     ("benchmark", {"BLOCK_SIZE": "8", "BLOCK_SIZES": "4 8"}, "not both"),
-    ("benchmark", {"BLOCK_SIZES": "4 eight"}, "not an integer"),
+    ("benchmark", {"BLOCK_SIZES": "4 eight"}, "BLOCK_SIZES must be integers"),
     ("benchmark", {"NPROC": "0"}, "must be >= 1"),
     ("benchmark", {"CONTINUE_ON_ERROR": "maybe"}, "yes/no"),
     ("benchmark", {"RUN_TAG": "a/b"}, "RUN_TAG"),
