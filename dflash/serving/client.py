@@ -302,12 +302,10 @@ async def _load(base_url: str, prompts: list[str], concurrency: int, protocol, *
 
 
 def run_load(base_url: str, prompts: list[str], concurrency: int, args, label: str,
-             protocol=None) -> LoadRun:
+             protocol) -> LoadRun:
     """Send every prompt with exactly ``concurrency`` in flight (or in one batch at a time with
-    --batch-requests); the first failure stops the run and raises RequestFailed."""
-    if protocol is None:
-        from .protocols import SGLangProtocol
-        protocol = SGLangProtocol(args)
+    --batch-requests) in the shape of ``protocol`` (:mod:`.protocols`); the first failure
+    stops the run and raises RequestFailed."""
     return asyncio.run(_load(base_url, prompts, concurrency, protocol,
                              batch=bool(args.batch_requests), stream=bool(args.stream),
                              timeout=args.timeout_s, label=label))

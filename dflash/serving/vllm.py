@@ -61,7 +61,7 @@ def block_size(args: argparse.Namespace) -> tuple[int, str]:
             return value, f"{cfg}"
     except (OSError, ValueError, AttributeError):
         pass
-    return DEFAULT_BLOCK, "default (pass --block-size for another draft)"
+    return DEFAULT_BLOCK, "the DFlash-b16 default; --block-size sets another"
 
 
 def launch_prefix(args: argparse.Namespace) -> tuple[list[str], bool]:
