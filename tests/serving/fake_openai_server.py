@@ -312,13 +312,22 @@ def make_handler(state: FakeState):
     return Handler
 
 
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A client that gave up (a time limit) leaves a broken pipe: not worth a traceback."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass
+
+
 class FakeServer:
     """In-process handle (for tests that want the stats without a subprocess)."""
 
     def __init__(self, argv: list[str] | None = None):
         self.args = parse_args(argv or ["--port", "0"])
         self.state = FakeState(self.args)
-        self.httpd = ThreadingHTTPServer((self.args.host, self.args.port), make_handler(self.state))
+        self.httpd = QuietHTTPServer((self.args.host, self.args.port), make_handler(self.state))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.url = f"http://{self.args.host}:{self.port}"
@@ -346,7 +355,7 @@ def main(argv=None) -> int:
             with open(os.path.join(args.fake_pid_dir, f"{pid}.pid"), "w") as fh:
                 fh.write(str(pid))
     state = FakeState(args)
-    httpd = ThreadingHTTPServer((args.host, args.port), make_handler(state))
+    httpd = QuietHTTPServer((args.host, args.port), make_handler(state))
     httpd.daemon_threads = True
     # bounded: a double that nobody stops ends by itself
     timer = threading.Timer(args.fake_lifetime_s, httpd.shutdown)

@@ -297,3 +297,13 @@ def test_serving_needs_no_torch():
     import subprocess
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_per_request_time_limit_is_one_line(tmp_path, capsys):
+    with FakeServer(["--port", "0", "--fake-latency-s", "3"]) as fake:
+        code, _, err = bench(common(tmp_path, concurrencies="1") +
+                             ["--engine", "openai", "--base-url", fake.url, "--timeout-s", "0.5"],
+                             capsys)
+    assert code == 1
+    line = error_line(err)
+    assert "first request failed" in line and "no answer within 0.5 s" in line
