@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import parse_int_list
 from ..model.draft import DFlashDraft, DraftConfig, default_target_layer_ids
 from .data import collate, generate_data, read_prompt_file
 from .evaluate import decode_check, greedy_stats, simulated_tau
@@ -227,7 +228,8 @@ def _load_target(path: str, device: torch.device, dtype=torch.float32):
 
 
 def _layer_ids(text: str | None):
-    return [int(x) for x in text.split(",")] if text else None
+    return parse_int_list(text, "--target-layer-ids", minimum=0, duplicates="refuse",
+                          example="1,9,17") if text else None
 
 
 def main(argv=None) -> int:
