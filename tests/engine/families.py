@@ -31,11 +31,13 @@ def make_family_target(family: str, dtype=torch.float64, seed: int = 0):
     model_type, extra = FAMILIES[family]
     cfg = AutoConfig.for_model(model_type, **COMMON, **extra)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
+    # eager experts: the grouped-GEMM kernel has no float64
+    model = AutoModelForCausalLM.from_config(cfg, experts_implementation="eager")
     with torch.no_grad():  # sharper logits than the default init: fewer near-ties
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
+    model.generation_config.eos_token_id = None  # generate runs to max_new_tokens (gemma4: 1)
     return model.to(dtype).eval()
 
 
@@ -43,3 +45,22 @@ def greedy_reference(target, ids, n):
     out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                           do_sample=False, pad_token_id=0)
     return out[0, ids.shape[1]:].tolist()
+
+
+def make_family_draft(target, block_size: int = 16, seed: int = 1):
+    """A random DFlash draft for a family target (sizes from COMMON: some families' configs
+    only have per-layer head_dim / KV heads)."""
+    from dflash.model.draft import DFlashDraft, DraftConfig
+
+    n = COMMON["num_hidden_layers"]
+    cfg = DraftConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                      block_size=block_size, num_target_layers=n, mask_token_id=127,
+                      target_layer_ids=[1, n - 1], rope_theta=10000.0, dtype="float64")
+    torch.manual_seed(seed)
+    draft = DFlashDraft(cfg)
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    return draft.to(torch.float64).eval()
