@@ -62,7 +62,7 @@ def run_config(args, model_name: str, draft_name: str | None, dtype, block_size:
             "model": model_name, "draft": draft_name, "block_size": block_size,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
-            "engine": args.engine, "skip_baseline": args.skip_baseline,
+            "engine": args.engine, "skip_baseline": args.skip_baseline, **bench.run_settings(args),
             "enable_thinking": args.enable_thinking, "chat_template": not args.no_chat_template}
 
 
@@ -93,7 +93,8 @@ def _generate_turns(decoder, pair, prompt, args, block_size, seed, profile):
     """Run every turn of a prompt; later turns see the earlier replies. Returns results, text."""
     return runner.generate_turns(pair, prompt, args, seed, lambda ids, stops, gen: decoder.generate(
         ids, args.max_new_tokens, temperature=args.temperature, stop_token_ids=stops,
-        block_size=block_size, generator=gen, collect_profile=profile))
+        block_size=block_size, generator=gen, collect_profile=profile,
+        **bench.sampling_kwargs(args)))
 
 
 def warm_up(decoder, pair, prompts, args, block_size):
@@ -105,7 +106,8 @@ def warm_up(decoder, pair, prompts, args, block_size):
     for _ in range(args.warmup_runs):
         for b in ([1] if not args.skip_baseline else []) + ([block_size] if block_size > 1 else []):
             decoder.generate(input_ids, min(args.max_new_tokens, 64), temperature=args.temperature,
-                             block_size=b, collect_profile=args.collect_profile)
+                             block_size=b, collect_profile=args.collect_profile,
+                             **bench.sampling_kwargs(args))
 
 
 def run_sample(decoder, pair, prompt, args, block_size) -> dict:
@@ -168,8 +170,9 @@ def main(argv=None) -> int:
         args, dist, prompts, config, default_summary_path(args, block_size),
         run_one=lambda prompt: run_sample(decoder, pair, prompt, args, block_size),
         warm_up=lambda todo: warm_up(decoder, pair, todo, args, block_size),
-        summarize=lambda records, status: build_summary(args, config, records, device, source,
-                                                        dist.world, status),
+        summarize=lambda records, status: {**build_summary(args, config, records, device, source,
+                                                           dist.world, status),
+                                            "engine": runner.engine_line(decoder)},
         report=print_summary, progress=True)
 
 
@@ -184,7 +187,7 @@ def _first_divergence(base, spec):
 
 
 def build_summary(args, config, records, device, source, world, status: dict) -> dict:
-    """``status``: :func:`dflash.bench.units.run_status` of the run (complete, interrupted_by...)."""
+    """``status``: :func:`dflash.bench.units.run_status` of the run (complete, ...)."""
     ok = [r for r in records if "error" not in r]
     base = summarize([r.get("baseline") for r in ok])
     spec = summarize([r.get("speculative") for r in ok])
@@ -213,8 +216,10 @@ def print_summary(s: dict, path: str) -> None:
     lines = [
         "",
         f"== DFlash benchmark: {cfg['dataset']} ({s['samples_done']} samples, "
-        f"{cfg['max_new_tokens']} max new tokens, T={cfg['temperature']}, block size {cfg['block_size']}) ==",
-        f"target {cfg['model']} | draft {cfg['draft']} | {cfg['dtype']} | engine {cfg['engine']}",
+        f"{cfg['max_new_tokens']} max new tokens, {bench.sampling_text(cfg)}, block size "
+        f"{cfg['block_size']}) ==",
+        f"target {cfg['model']} | draft {cfg['draft']} | {cfg['dtype']} | "
+        f"engine {s.get('engine') or cfg['engine']}",
         f"hardware: {env['gpu_name']} | CUDA {env['cuda_version']} | torch {env['torch_version']}"
         f" | transformers {env['transformers_version']}",
     ]

@@ -5,7 +5,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -15,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .. import runlog
+from .. import reasoning, runlog
 from ..datasets import DATASET_NAMES, check_dataset_name
 from ..decoding.quickstart import DFlashDraftModel
+from ..decoding.sampling import check_sampling
 from ..model.draft import DTYPES, resolve_dtype
 from ..errors import UserError
 from ..model.hub import EMBEDDED_DRAFT, EMBEDDED_TARGET, looks_like_hub_id, resolve_model_dir
@@ -42,6 +42,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, dataset_default: str | N
     parser.add_argument("--max-new-tokens", type=int, default=2048)
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 = greedy; > 0 = exact speculative sampling at that temperature")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sampling keeps the most likely tokens up to this probability mass, "
+                             "in target and draft alike (0 < p <= 1; default 1 = off)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="sampling keeps the k most likely tokens (default 0 = off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto",
@@ -49,8 +54,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, dataset_default: str | N
     parser.add_argument("--engine", default="auto", choices=["auto", "fast", "static", "hf"],
                         help="static: preallocated KV cache (+CUDA graphs on GPU); hf: plain eager "
                              "Transformers reference path")
+    parser.add_argument("--reasoning", default=None,
+                        help="off, on (the chat template's enable_thinking) or a reasoning level "
+                             "the template names as reasoning_effort / reasoning_strength (e.g. "
+                             "high); default off")
     add_switches(parser, [
-        ("--enable-thinking", "keep Qwen3 thinking mode on in the chat template (off by default)"),
+        ("--enable-thinking", "the same as --reasoning on (Qwen3 thinking mode; off by default)"),
         ("--no-chat-template", "feed the raw prompt text instead of applying the chat template"),
         ("--offline-fallback", "if a hub dataset is out of reach, use the built-in set of its "
                                "category")])
@@ -84,9 +93,10 @@ def check_common_args(args) -> None:
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         raise UserError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS_LIMIT}, "
                         f"got {args.max_new_tokens}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), "
-                        f"got {args.temperature}")
+    check_sampling(args.temperature, args.top_p, args.top_k)
+    _, explicit = reasoning_of(args)
+    if explicit and args.reasoning is not None and args.no_chat_template:
+        raise UserError("--reasoning needs the chat template", "drop --no-chat-template")
     if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be in 0..2^63-1, got {args.seed}")
     check_device_flag(args.device)
@@ -368,14 +378,55 @@ def stop_token_ids(pair: ModelPair) -> list[int]:
 
 
 def encode_chat(tokenizer, messages: list[dict], *, enable_thinking: bool = False,
-                raw: bool = False) -> list[int]:
-    """Token ids of a conversation, with the generation prompt, thinking off by default."""
+                raw: bool = False, template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a conversation, with the generation prompt, thinking off by default
+    (``template_kwargs``, from :func:`chat_kwargs`, replace ``enable_thinking``)."""
     if raw or not getattr(tokenizer, "chat_template", None):
         text = "\n".join(m["content"] for m in messages)
         return tokenizer(text, add_special_tokens=True)["input_ids"]
+    if template_kwargs is None:
+        template_kwargs = {"enable_thinking": enable_thinking}
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=enable_thinking)
+                                         **template_kwargs)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def reasoning_of(args) -> tuple[str, bool]:
+    """(the --reasoning setting, given explicitly), --enable-thinking counting as ``on``."""
+    return reasoning.resolve(getattr(args, "reasoning", None),
+                             getattr(args, "enable_thinking", False))
+
+
+def chat_kwargs(tokenizer, args) -> dict:
+    """The chat-template arguments of the run's --reasoning setting for this tokenizer (one
+    line when its template cannot take an explicit setting)."""
+    if getattr(args, "no_chat_template", False) or not getattr(tokenizer, "chat_template", None):
+        return {}
+    setting, explicit = reasoning_of(args)
+    return reasoning.template_kwargs(setting, tokenizer.chat_template, explicit)
+
+
+def sampling_kwargs(args) -> dict:
+    """``top_p`` / ``top_k`` of the run, for the decoders' ``generate``."""
+    return {"top_p": args.top_p, "top_k": args.top_k}
+
+
+def sampling_text(cfg: dict) -> str:
+    """``T=1.0`` (and the filters that are on, and a reasoning setting other than off) for the
+    summary's title line."""
+    text = f"T={cfg['temperature']}"
+    if cfg.get("top_p", 1.0) != 1.0:
+        text += f", top-p {cfg['top_p']}"
+    if cfg.get("top_k"):
+        text += f", top-k {cfg['top_k']}"
+    if cfg.get("reasoning", "off") != "off":
+        text += f", reasoning {cfg['reasoning']}"
+    return text
+
+
+def run_settings(args) -> dict:
+    """The sampling and reasoning settings every result's config records."""
+    return {"top_p": args.top_p, "top_k": args.top_k, "reasoning": reasoning_of(args)[0]}
 
 
 # ----------------------------------------------------------------------------- environment
@@ -410,9 +461,10 @@ def reserve_for_prompts(decoder, pair, prompts, args, extra: int = 64) -> None:
     Growing the caches mid-run rebuilds the engine (and re-captures its CUDA graphs), which
     would land inside a timed sample."""
     longest = 0
+    kwargs = chat_kwargs(pair.tokenizer, args)
     for p in prompts:
         turns = [{"role": "user", "content": t} for t in p["turns"]]
-        ids = encode_chat(pair.tokenizer, turns, enable_thinking=getattr(args, "enable_thinking", False),
+        ids = encode_chat(pair.tokenizer, turns, template_kwargs=kwargs,
                           raw=getattr(args, "no_chat_template", False))
         longest = max(longest, len(ids) + len(p["turns"]) * args.max_new_tokens)
     decoder.reserve(longest + extra)

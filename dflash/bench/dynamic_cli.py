@@ -152,6 +152,7 @@ def run_config(args, model_name: str, draft_name: str, draft_block_size: int | N
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
             "engine": args.engine, "enable_thinking": args.enable_thinking,
+            **bench.run_settings(args),
             "chat_template": not args.no_chat_template}
 
 
@@ -212,7 +213,7 @@ def _generate_turns(decoder, pair, prompt, args, seed, *, block_size=None, polic
         res = decoder.generate(input_ids, args.max_new_tokens, temperature=args.temperature,
                                stop_token_ids=stops, block_size=block_size, policy=policy,
                                generator=gen, max_block_size=max_block_size,
-                               draft_block_size=trunc)
+                               draft_block_size=trunc, **bench.sampling_kwargs(args))
         if policy is not None:
             traces.append(_trace(res, policy))
         return res
@@ -270,10 +271,11 @@ def warm_up(decoder, pair, prompt, args, candidates, policy, trunc, prompts=()) 
     for _ in range(args.warmup_runs):
         for b, t in modes:
             decoder.generate(input_ids, n, temperature=args.temperature, block_size=b,
-                             max_block_size=max(candidates), draft_block_size=t)  # same buffers
+                             max_block_size=max(candidates), draft_block_size=t,  # same buffers
+                             **bench.sampling_kwargs(args))
         _reset(policy)
         decoder.generate(input_ids, n, temperature=args.temperature, policy=policy,
-                         draft_block_size=trunc)
+                         draft_block_size=trunc, **bench.sampling_kwargs(args))
     policy.reset()  # warm-up timings (first-call overheads) must not seed the cost model
 
 
@@ -364,8 +366,9 @@ def main(argv=None) -> int:
         args, dist, prompts, config, summary_path(args),
         run_one=lambda prompt: run_sample(decoder, pair, prompt, args, candidates, policy, trunc),
         warm_up=warm, on_record=verbose_line,
-        summarize=lambda records, status: build_summary(args, config, records, candidates,
-                                                        device, source, dist.world, status),
+        summarize=lambda records, status: {**build_summary(args, config, records, candidates,
+                                                           device, source, dist.world, status),
+                                            "engine": runner.engine_line(decoder)},
         report=lambda summary, path: print(format_summary(summary, path)))
 
 
@@ -430,10 +433,10 @@ def format_summary(s: dict, path: str) -> str:
     lines = [
         "",
         f"== DFlash dynamic block size ({cfg['policy']}): {cfg['dataset']} ({s['samples_done']} "
-        f"samples, {cfg['max_new_tokens']} max new tokens, T={cfg['temperature']}, candidates "
+        f"samples, {cfg['max_new_tokens']} max new tokens, {bench.sampling_text(cfg)}, candidates "
         f"{','.join(map(str, cfg['candidates']))}) ==",
         f"target {cfg['model']} | draft {cfg['draft']} (b{cfg['draft_block_size']}) | "
-        f"{cfg['dtype']} | engine {cfg['engine']}",
+        f"{cfg['dtype']} | engine {s.get('engine') or cfg['engine']}",
         "draft mode: " + (f"truncation (drafts {cfg['truncate_to']}, verifies b)"
                           if cfg.get("truncate_to") else "native (drafts at b)")
         + (" | scheduler estimates kept across prompts" if cfg.get("keep_estimates") else ""),

@@ -85,7 +85,7 @@ def run_config(args, model_name: str, draft_name: str, dtype, device, sizes, sin
             "single_block_size": single_b, "mode": args.mode, "methods": methods,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
-            "engine": args.engine, "device": str(device),
+            "engine": args.engine, "device": str(device), **bench.run_settings(args),
             "enable_thinking": args.enable_thinking, "chat_template": not args.no_chat_template}
 
 
@@ -100,22 +100,23 @@ def planned_config(args, sizes, device, model_name: str, draft_name: str) -> dic
 
 
 def _methods(args, pair, sizes, single_b):
-    """name -> (generate(input_ids, stops, generator, max_new), largest tau)."""
+    """(name -> (generate(input_ids, stops, generator, max_new), largest tau), the engine line)."""
     spec = SpeculativeDecoder(pair.target, pair.draft, engine=args.engine)
-    temp = args.temperature
+    temp, filters = args.temperature, bench.sampling_kwargs(args)
     out = {
         "target_only": (lambda ids, stops, g, n: spec.generate(
-            ids, n, temperature=temp, stop_token_ids=stops, block_size=1, generator=g), 1),
+            ids, n, temperature=temp, stop_token_ids=stops, block_size=1, generator=g,
+            **filters), 1),
         "single_round": (lambda ids, stops, g, n: spec.generate(
-            ids, n, temperature=temp, stop_token_ids=stops, block_size=single_b, generator=g),
-            single_b),
+            ids, n, temperature=temp, stop_token_ids=stops, block_size=single_b, generator=g,
+            **filters), single_b),
     }
     for mode in (["tree", "faithful"] if args.mode == "both" else [args.mode]):
         dec = MultiRoundDecoder(pair.target, pair.draft, sizes, mode=mode, engine=args.engine)
         out[mode] = ((lambda d: lambda ids, stops, g, n: d.generate(
-            ids, n, temperature=temp, stop_token_ids=stops, generator=g))(dec),
+            ids, n, temperature=temp, stop_token_ids=stops, generator=g, **filters))(dec),
             max(sizes) if mode == "tree" else 1)
-    return out
+    return out, runner.engine_line(spec)
 
 
 def _generate_turns(fn, pair, prompt, args, seed):
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     prompts, source, pair = runner.load_inputs(args, dist, device, model_name, draft_name)
     single_b = args.single_block_size or sizes[0]
     torch.manual_seed(args.seed)
-    methods = _methods(args, pair, sizes, single_b)
+    methods, engine = _methods(args, pair, sizes, single_b)
     config = run_config(args, pair.target_name, pair.draft_name, pair.dtype, pair.device, sizes,
                         single_b, list(methods))
 
@@ -205,8 +206,9 @@ def main(argv=None) -> int:
         args, dist, prompts, config, out_json,
         run_one=lambda prompt: run_sample(methods, pair, prompt, args),
         warm_up=lambda todo: warm_up(methods, pair, todo, args), on_record=verbose_line,
-        summarize=lambda records, status: build_summary(args, config, records, methods, device,
-                                                        source, status),
+        summarize=lambda records, status: {**build_summary(args, config, records, methods,
+                                                           device, source, status),
+                                            "engine": engine},
         report=print_summary, tag_rank=False)
 
 
@@ -256,9 +258,10 @@ def print_summary(s: dict, path: str) -> None:
     methods = [m for m in cfg["methods"] if s["methods"].get(m)]
     lines = ["",
              f"== Multi-round speculative sampling: {cfg['dataset']} ({s['samples_done']} samples, "
-             f"{cfg['max_new_tokens']} max new tokens, T={cfg['temperature']}, rounds "
+             f"{cfg['max_new_tokens']} max new tokens, {bench.sampling_text(cfg)}, rounds "
              f"{','.join(map(str, cfg['round_block_sizes']))}) ==",
-             f"target {cfg['model']} | draft {cfg['draft']} | {cfg['dtype']} | engine {cfg['engine']}",
+             f"target {cfg['model']} | draft {cfg['draft']} | {cfg['dtype']} | "
+             f"engine {s.get('engine') or cfg['engine']}",
              f"hardware: {env['gpu_name']} | torch {env['torch_version']} | transformers "
              f"{env['transformers_version']}"]
     rows = [[""] + [_label(cfg, m) for m in methods]]

@@ -37,13 +37,14 @@ DEFAULT_PORT_BASE = 29600
 
 # Variables each wrapper reads (for the "unknown variable" hint and the docs test).
 BENCHMARK_VARS = ["FAST", "NPROC", "TASKS", "MAX_NEW_TOKENS", "MODEL", "DRAFT", "TEMPERATURE",
+                  "TOP_P", "TOP_K",
                   "BLOCK_SIZE", "BLOCK_SIZES", "SKIP_BASELINE", "LOG_DIR", "RUN_TAG",
                   "SAVE_OUTPUTS_DIR", "DRY_RUN", "CONTINUE_ON_ERROR", "MASTER_PORT_BASE", "RESUME",
                   "OFFLINE_FALLBACK", "EXTRA_ARGS", "QUIET"]
 SWEEP_VARS = ["DATASET", "MAX_SAMPLES", "MAX_NEW_TOKENS", "BLOCK_SIZES", "NPROC", "MODEL", "DRAFT",
-              "TEMPERATURE", "RUN_TAG", "LOG_DIR", "SKIP_BASELINE", "DRY_RUN", "RESUME",
-              "CONTINUE_ON_ERROR", "SAVE_OUTPUTS_DIR", "MASTER_PORT_BASE", "OFFLINE_FALLBACK",
-              "EXTRA_ARGS", "QUIET"]
+              "TEMPERATURE", "TOP_P", "TOP_K", "RUN_TAG", "LOG_DIR", "SKIP_BASELINE", "DRY_RUN",
+              "RESUME", "CONTINUE_ON_ERROR", "SAVE_OUTPUTS_DIR", "MASTER_PORT_BASE",
+              "OFFLINE_FALLBACK", "EXTRA_ARGS", "QUIET"]
 
 
 # ----------------------------------------------------------------------------- env parsing
@@ -93,6 +94,14 @@ def env_float(env: Mapping[str, str], name: str, default: float) -> float:
     if not number >= 0 or math.isinf(number):
         raise UserError(f"{name}={_get(env, name)!r} must be a finite number >= 0")
     return number
+
+
+def sampling_filters(env: Mapping[str, str]) -> tuple[float | None, int | None]:
+    """TOP_P in (0, 1] and TOP_K >= 0 (None where unset), checked before anything runs."""
+    top_p = _env_number(env, "TOP_P", float, "a number")
+    if top_p is not None and not 0 < top_p <= 1:  # also refuses NaN
+        raise UserError(f"TOP_P={_get(env, 'TOP_P')!r} must be in (0, 1] (1 = off)")
+    return top_p, env_int(env, "TOP_K", None, 0)
 
 
 def parse_block_sizes(text: str, name: str) -> list[int]:
@@ -271,6 +280,7 @@ def build_plan(kind: str, env: Mapping[str, str], cwd: str | Path | None = None,
                                    "BLOCK_SIZES")
         folder_prefix = "sweep_"
     temperature = env_float(env, "TEMPERATURE", 0.0)
+    top_p, top_k = sampling_filters(env)
     skip_baseline = env_flag(env, "SKIP_BASELINE", False)
     if skip_baseline and 1 in blocks:
         blocks = [b for b in blocks if b != 1]
@@ -348,6 +358,10 @@ def build_plan(kind: str, env: Mapping[str, str], cwd: str | Path | None = None,
             cmd += ["--max-samples", str(samples)]
         cmd += ["--model-name-or-path", model, "--draft-name-or-path", draft,
                 "--max-new-tokens", str(max_new), "--temperature", repr(temperature)]
+        if top_p is not None:  # unset: benchmark.py's defaults, and the commands as before
+            cmd += ["--top-p", repr(top_p)]
+        if top_k is not None:
+            cmd += ["--top-k", str(top_k)]
         if role == "baseline":
             cmd += ["--block-size", "1"]
         elif block is not None:
@@ -376,6 +390,7 @@ def build_plan(kind: str, env: Mapping[str, str], cwd: str | Path | None = None,
 
     settings = {"kind": kind, "run_tag": tag, "tasks": [f"{d}:{s if s else 'all'}" for d, s in tasks],
                 "block_sizes": blocks, "max_new_tokens": max_new, "temperature": temperature,
+                "top_p": 1.0 if top_p is None else top_p, "top_k": top_k or 0,
                 "model": model, "draft": draft, "nproc": nproc, "skip_baseline": skip_baseline,
                 "offline_fallback": offline_fallback, "continue_on_error": continue_on_error,
                 "resume": resume, "master_port_base": port_base, "extra_args": extra}

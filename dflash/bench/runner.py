@@ -42,13 +42,14 @@ def load_inputs(args, dist: bench.Dist, device: torch.device, model_name: str,
     if dist.main and source != "built-in" and not source.startswith(("cache", "hub")):
         print(f"Prompts of '{args.dataset}' from {source}.", file=sys.stderr)
     pair = bench.load_pair(model_name, draft_name, device, args.dtype, args.trust_remote_code)
+    bench.chat_kwargs(pair.tokenizer, args)  # a --reasoning the template cannot take: one line
     return prompts, source, pair
 
 
 def encode(pair, args, messages: list[dict]) -> torch.Tensor:
     """A conversation as a [1, n] id tensor on the pair's device (chat template, reasoning)."""
-    ids = bench.encode_chat(pair.tokenizer, messages, enable_thinking=args.enable_thinking,
-                            raw=args.no_chat_template)
+    ids = bench.encode_chat(pair.tokenizer, messages, template_kwargs=bench.chat_kwargs(
+        pair.tokenizer, args), raw=args.no_chat_template)
     return torch.tensor([ids], device=pair.device)
 
 
@@ -74,6 +75,12 @@ def generate_turns(pair, prompt: dict, args, seed: int,
         texts.append(reply)
         messages.append({"role": "assistant", "content": reply})
     return results, texts
+
+
+def engine_line(decoder) -> str:
+    """What the results call the engine: the engine choice's own description when it has one
+    (what was chosen and why), else its name."""
+    return getattr(decoder.engines, "description", decoder.engine_name)
 
 
 @dataclass
