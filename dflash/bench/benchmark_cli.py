@@ -215,11 +215,7 @@ def print_summary(s: dict, path: str) -> None:
     env, cfg = s["environment"], s["config"]
     lines = [
         "",
-        f"== DFlash benchmark: {cfg['dataset']} ({s['samples_done']} samples, "
-        f"{cfg['max_new_tokens']} max new tokens, {bench.sampling_text(cfg)}, block size "
-        f"{cfg['block_size']}) ==",
-        f"target {cfg['model']} | draft {cfg['draft']} | {cfg['dtype']} | "
-        f"engine {s.get('engine') or cfg['engine']}",
+        *bench.title_lines(s, "DFlash benchmark", f"block size {cfg['block_size']}"),
         f"hardware: {env['gpu_name']} | CUDA {env['cuda_version']} | torch {env['torch_version']}"
         f" | transformers {env['transformers_version']}",
     ]

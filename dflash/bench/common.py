@@ -424,6 +424,15 @@ def sampling_text(cfg: dict) -> str:
     return text
 
 
+def title_lines(s: dict, name: str, tail: str, draft_note: str = "") -> list[str]:
+    """The first two lines of a CLI's printed summary: what ran, on which models and engine."""
+    cfg = s["config"]
+    return [f"== {name}: {cfg['dataset']} ({s['samples_done']} samples, {cfg['max_new_tokens']} "
+            f"max new tokens, {sampling_text(cfg)}, {tail}) ==",
+            f"target {cfg['model']} | draft {cfg['draft']}{draft_note} | {cfg['dtype']} | "
+            f"engine {s.get('engine') or cfg['engine']}"]
+
+
 def run_settings(args) -> dict:
     """The sampling and reasoning settings every result's config records."""
     return {"top_p": args.top_p, "top_k": args.top_k, "reasoning": reasoning_of(args)[0]}

@@ -432,11 +432,9 @@ def format_summary(s: dict, path: str) -> str:
     cfg, env = s["config"], s["environment"]
     lines = [
         "",
-        f"== DFlash dynamic block size ({cfg['policy']}): {cfg['dataset']} ({s['samples_done']} "
-        f"samples, {cfg['max_new_tokens']} max new tokens, {bench.sampling_text(cfg)}, candidates "
-        f"{','.join(map(str, cfg['candidates']))}) ==",
-        f"target {cfg['model']} | draft {cfg['draft']} (b{cfg['draft_block_size']}) | "
-        f"{cfg['dtype']} | engine {s.get('engine') or cfg['engine']}",
+        *bench.title_lines(s, f"DFlash dynamic block size ({cfg['policy']})",
+                           f"candidates {','.join(map(str, cfg['candidates']))}",
+                           f" (b{cfg['draft_block_size']})"),
         "draft mode: " + (f"truncation (drafts {cfg['truncate_to']}, verifies b)"
                           if cfg.get("truncate_to") else "native (drafts at b)")
         + (" | scheduler estimates kept across prompts" if cfg.get("keep_estimates") else ""),

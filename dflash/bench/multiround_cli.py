@@ -257,11 +257,8 @@ def print_summary(s: dict, path: str) -> None:
     cfg, env = s["config"], s["environment"]
     methods = [m for m in cfg["methods"] if s["methods"].get(m)]
     lines = ["",
-             f"== Multi-round speculative sampling: {cfg['dataset']} ({s['samples_done']} samples, "
-             f"{cfg['max_new_tokens']} max new tokens, {bench.sampling_text(cfg)}, rounds "
-             f"{','.join(map(str, cfg['round_block_sizes']))}) ==",
-             f"target {cfg['model']} | draft {cfg['draft']} | {cfg['dtype']} | "
-             f"engine {s.get('engine') or cfg['engine']}",
+             *bench.title_lines(s, "Multi-round speculative sampling",
+                                f"rounds {','.join(map(str, cfg['round_block_sizes']))}"),
              f"hardware: {env['gpu_name']} | torch {env['torch_version']} | transformers "
              f"{env['transformers_version']}"]
     rows = [[""] + [_label(cfg, m) for m in methods]]
