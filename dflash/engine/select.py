@@ -42,12 +42,16 @@ class TargetProfile:
             not hasattr(l.mlp, "gate_proj") for l in layers)
         self.sliding = any(w is not None for w in layer_windows(cfg, cfg.num_hidden_layers))
         self.fast = self.static
-        if self.fast is None and moe:  # routed experts: data-dependent, no CUDA graph
+        sinks = any(getattr(l.self_attn, "sinks", None) is not None for l in layers)
+        if self.fast is None and sinks:  # only the eager static path has them
+            self.fast = "attention sinks"
+        elif self.fast is None and moe:  # routed experts: data-dependent, no CUDA graph
             self.fast = "MoE layers"
         elif self.fast is None and any(l.self_attn.o_proj.bias is not None for l in layers):
             self.fast = "output-projection bias"
         self.kind = self.static or ", ".join(
-            ["MoE" if moe else "dense", "sliding-window layers" if self.sliding else "full attention"])
+            ["MoE" if moe else "dense", "sliding-window layers" if self.sliding else "full attention"]
+            + (["attention sinks"] if sinks else []))
 
     @staticmethod
     def _static_reason(model, cfg, types) -> str | None:
@@ -75,8 +79,8 @@ class TargetProfile:
                            | ({n for n, _ in attn.named_children()} - _ATTN_PARTS))
             if extra:
                 return f"extra layer modules: {', '.join(extra[:2])}{', ...' if extra[2:] else ''}"
-            if any(True for _ in attn.named_parameters(recurse=False)):
-                return "attention sinks"
+            if {n for n, _ in attn.named_parameters(recurse=False)} - {"sinks"}:
+                return "extra attention parameters"
         try:  # per-layer-only values (heterogeneous configs) raise here
             n_heads = cfg.num_attention_heads
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads

@@ -91,7 +91,11 @@ class StaticTargetEngine:
         positions = torch.arange(capacity, device=self.device)[None]
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = rotary(probe, positions)
+        if cos.shape[-1] * 2 == self.head_dim:  # GPT-OSS: half-width tables (same rotation)
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
         self.cos, self.sin = cos[0], sin[0]
+        # Attention sinks (GPT-OSS): a per-head logit in every softmax, attending to nothing.
+        self.sinks = [getattr(l.self_attn, "sinks", None) for l in self.layers]
         self.slots = torch.arange(capacity, device=self.device)
         # Fast path (CUDA): fused GEMMs, compiled elementwise math, one CUDA graph per shape.
         self.fused = fused and getattr(cfg, "hidden_act", "silu") == "silu"
@@ -163,7 +167,10 @@ class StaticTargetEngine:
             self.k_cache[i].index_copy_(2, cache_slots, k)
             self.v_cache[i].index_copy_(2, cache_slots, v)
             win = self.windows[i]
-            if self.fused and whole_buffer and attention_supported(q, self.k_cache[i]):
+            if self.sinks[i] is not None:
+                out = _sink_attention(q, self.k_cache[i][:, :, :kv_len],
+                                      self.v_cache[i][:, :, :kv_len], masks[win], self.sinks[i])
+            elif self.fused and whole_buffer and attention_supported(q, self.k_cache[i]):
                 out = decode_attention(q, self.k_cache[i], self.v_cache[i], positions,
                                        window=win)
             elif self.fused and kv_len == t and q.is_cuda and win is None:
@@ -186,7 +193,8 @@ class StaticTargetEngine:
             else:
                 attn = layer.self_attn
                 h = h + attn.o_proj(out)
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                mlp = layer.mlp(layer.post_attention_layernorm(h))
+                h = h + (mlp[0] if isinstance(mlp, tuple) else mlp)  # MoE: (out, router scores)
             if i in self._wanted and i != self._last:
                 captured[i] = h
         h = self.norm(h)
@@ -211,3 +219,18 @@ class StaticTargetEngine:
         for k, v in zip(self.k_cache, self.v_cache):
             k.index_copy_(2, dst, k.index_select(2, src))
             v.index_copy_(2, dst, v.index_select(2, src))
+
+
+def _sink_attention(q, k, v, mask, sinks):
+    """Softmax attention with one extra per-head logit (the sink) that takes probability mass
+    but adds no value, as GPT-OSS's eager attention: q [1, H, T, D], k/v [1, Hkv, S, D], mask
+    [1, 1, T, S] bool -> [1, T, H * D]."""
+    h, t, d = q.shape[1], q.shape[2], q.shape[3]
+    rep = h // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * d ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).reshape(1, h, 1, 1).expand(1, h, t, 1)
+    logits = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(logits - logits.max(dim=-1, keepdim=True).values, dim=-1)[..., :-1]
+    return (probs.to(v.dtype) @ v).transpose(1, 2).reshape(1, t, h * d)
