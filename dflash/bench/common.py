@@ -21,9 +21,7 @@ from ..decoding.sampling import check_sampling
 from ..model.draft import DTYPES, resolve_dtype
 from ..errors import UserError
 from ..model.hub import EMBEDDED_DRAFT, EMBEDDED_TARGET, looks_like_hub_id, resolve_model_dir
-
-HUB_TARGET = "Qwen/Qwen3-4B"
-HUB_DRAFT = "z-lab/Qwen3-4B-DFlash-b16"
+from .plan import HUB_DRAFT, HUB_TARGET  # the one copy (in the torch-free plan)
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -23,7 +23,7 @@ from ..errors import UserError, parse_int_list
 from .report import _display
 
 REPO = Path(__file__).resolve().parents[2]
-HUB_TARGET = "Qwen/Qwen3-4B"            # same pair as dflash.bench (not imported: it pulls torch)
+HUB_TARGET = "Qwen/Qwen3-4B"            # the default pair with CUDA (bench.common uses these)
 HUB_DRAFT = "z-lab/Qwen3-4B-DFlash-b16"
 
 FAST_TASKS = "aime25:8 gsm8k:8 humaneval:8"
