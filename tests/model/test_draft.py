@@ -114,3 +114,109 @@ def test_quickstart_spec_generate_shape():
                               stop_token_ids=[])
     assert out.dtype == torch.long and out.shape == (1, 15)
     assert torch.equal(out[:, :5], ids)
+
+
+# ----------------------------------------------------------------------------- issue 21 config
+def _variant_checkpoint(folder: Path, **changes) -> Path:
+    """The scaled z-lab checkpoint with config changes (a key set to None is removed)."""
+    cfg = write_scaled_checkpoint(folder)
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_config_values_read_like_the_reference(tmp_path):
+    """dflash_config first, then the top level, then the default."""
+    folder = _variant_checkpoint(
+        tmp_path / "d", dflash_config={"mask_token_id": 7, "block_size": 6,
+                                       "final_logit_softcapping": 30.0},
+        target_layer_ids=[0, 2], input_embedding_scale=2.0, output_multiplier=0.5,
+        hidden_act="gelu")
+    draft = DFlashDraftModel.from_pretrained(folder, dtype=torch.float32)
+    cfg = draft.config
+    assert (draft.mask_token_id, draft.block_size, draft.target_layer_ids) == (7, 6, [0, 2])
+    assert (cfg.input_embedding_scale, cfg.output_multiplier, cfg.final_logit_softcapping,
+            cfg.hidden_act) == (2.0, 0.5, 30.0, "gelu")
+    # saved and reloaded: the same values, from the same places
+    draft.save_pretrained(tmp_path / "again")
+    again = DFlashDraftModel.from_pretrained(tmp_path / "again", dtype=torch.float32).config
+    assert (again.block_size, again.mask_token_id, again.target_layer_ids,
+            again.input_embedding_scale, again.output_multiplier,
+            again.final_logit_softcapping, again.hidden_act) == \
+        (6, 7, [0, 2], 2.0, 0.5, 30.0, "gelu")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved["dflash_config"]["block_size"] == 6
+
+
+def test_top_level_mask_token_id_is_accepted(tmp_path):
+    folder = _variant_checkpoint(tmp_path / "d", dflash_config={"target_layer_ids": [1, 3]},
+                                 mask_token_id=298)
+    assert DFlashDraftModel.from_pretrained(folder).mask_token_id == 298
+
+
+def test_attention_kinds_follow_the_reference_rules(tmp_path):
+    from dflash.model.draft import kind_mask
+
+    sliding = ["sliding_attention", "full_attention"]
+    cases = [
+        (dict(layer_types=sliding, use_sliding_window=True, sliding_window=3), [(True, 3), (False, None)]),
+        (dict(layer_types=sliding, sliding_window=None), [(True, None), (False, None)]),
+        (dict(is_causal=True), [(True, None), (True, None)]),
+        (dict(layer_types=sliding, use_sliding_window=True, sliding_window=3, is_causal=False),
+         [(False, 3), (False, None)]),
+    ]
+    for i, (changes, kinds) in enumerate(cases):
+        folder = _variant_checkpoint(tmp_path / str(i), **changes)
+        assert DFlashDraftModel.from_pretrained(folder).attention_kinds == kinds, changes
+    q, k = torch.arange(4, 6), torch.arange(6)
+    assert kind_mask(q, k, False, None) is None
+    assert kind_mask(q, k, True, None).tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert kind_mask(q, k, True, 2).tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]]
+    assert kind_mask(q, k, False, 2).tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(architectures=["DFlash2DraftModel"]), "DFlash 2 draft"),
+    (dict(rope_scaling={"rope_type": "bogus", "factor": 2.0}), "rope type 'bogus'.*supported"),
+    (dict(rope_parameters={"rope_type": "yarn"}, rope_scaling=None), "rope"),
+    (dict(hidden_act="nope"), "hidden_act 'nope'"),
+    (dict(layer_types=["linear_attention", "full_attention"]), "layer_types"),
+])
+def test_unsupported_draft_options_are_refused_in_one_line(tmp_path, changes, message):
+    folder = _variant_checkpoint(tmp_path / "d", **changes)
+    with pytest.raises(UserError, match=message) as err:
+        DFlashDraftModel.from_pretrained(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_rope_is_transformers_own(tmp_path):
+    """inv_freq and attention scaling are what transformers' rotary init gives the config."""
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+    folder = _variant_checkpoint(tmp_path / "d", rope_scaling=yarn)
+    draft = DFlashDraftModel.from_pretrained(folder, dtype=torch.float32)
+    hf = Qwen3RotaryEmbedding(Qwen3Config.from_dict(json.loads((folder / "config.json").read_text())))
+    assert torch.equal(draft.inv_freq, hf.inv_freq.float())
+    assert draft.attention_scaling == hf.attention_scaling != 1.0
+
+
+def test_dflash2_checkpoint_refused_by_the_cli(tmp_path):
+    """One line naming DFlash 2, a non-zero exit and no traceback."""
+    from conftest import run_script
+    from dflash.model.toy import save_toy_pair
+
+    target, draft = save_toy_pair(tmp_path / "pair")
+    cfg = json.loads((draft / "config.json").read_text())
+    cfg["architectures"] = ["DFlash2DraftModel"]
+    (draft / "config.json").write_text(json.dumps(cfg))
+    res = run_script(["benchmark.py", "--model-name-or-path", str(target), "--draft-name-or-path",
+                      str(draft), "--dataset", "builtin-chat", "--max-samples", "1",
+                      "--max-new-tokens", "4"], timeout=300)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr and "DFlash 2" in res.stderr, res.stderr
