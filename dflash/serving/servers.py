@@ -136,6 +136,19 @@ def filter_backends(backends: list[str], gpu: GpuInfo | None) -> tuple[list[str]
     return kept, notes
 
 
+def require_package_and_gpu(engine: str, package: str, version: str | None, gpu: GpuInfo,
+                            hint: str) -> None:
+    """One line naming everything missing for launching ``engine`` servers here."""
+    problems = []
+    if version is None:
+        problems.append(f"{package} is not installed in this Python ({sys.executable})")
+    if not gpu.available:
+        problems.append(gpu.reason)
+    if problems:
+        raise UserError(f"{engine} needs a CUDA GPU and the {package} package: "
+                        + "; ".join(problems), hint)
+
+
 def check_launch_environment(args: argparse.Namespace, overridden: bool) -> GpuInfo | None:
     """Make sure servers can be launched here; return the GPU (None when unknown)."""
     if overridden:  # a custom launcher (tests, containers...): trust it, filter if we can
@@ -143,16 +156,10 @@ def check_launch_environment(args: argparse.Namespace, overridden: bool) -> GpuI
         return gpu if gpu.available else None
     version = sglang_version()
     gpu = detect_gpu()
-    problems = []
-    if version is None:
-        problems.append(f"sglang is not installed in this Python ({sys.executable})")
-    if not gpu.available:
-        problems.append(gpu.reason)
-    if problems:
-        raise UserError("SGLang needs a CUDA GPU and the sglang package: " + "; ".join(problems),
-                        "run this on a GPU machine in the SGLang environment (docs/SGLANG.md: pip "
-                        "install -r requirements-sglang.txt), or pass --base-url to benchmark a "
-                        "running server")
+    require_package_and_gpu("SGLang", "sglang", version, gpu,
+                            "run this on a GPU machine in the SGLang environment (docs/SGLANG.md: "
+                            "pip install -r requirements-sglang.txt), or pass --base-url to "
+                            "benchmark a running server")
     if version != "unknown" and _version_tuple(version) and \
             _version_tuple(version) < MIN_SGLANG:
         raise UserError(f"sglang {version} has no DFLASH speculative algorithm",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .cli import DEFAULT_BACKENDS
-from .servers import GpuInfo, _version_tuple, detect_gpu
+from .servers import GpuInfo, _version_tuple, detect_gpu, require_package_and_gpu
 
 VLLM_ENV_VAR = "DFLASH_VLLM_LAUNCH_CMD"
 MIN_VLLM = (0, 20)
@@ -120,16 +120,10 @@ def check_launch_environment(args: argparse.Namespace, overridden: bool) -> GpuI
         return gpu if gpu.available else None
     version = vllm_version()
     gpu = detect_gpu()
-    problems = []
-    if version is None:
-        problems.append(f"vllm is not installed in this Python ({sys.executable})")
-    if not gpu.available:
-        problems.append(gpu.reason)
-    if problems:
-        raise UserError("vLLM needs a CUDA GPU and the vllm package: " + "; ".join(problems),
-                        "run this on a GPU machine in the vLLM environment (pip install -r "
-                        "requirements-vllm.txt), or pass --base-url to benchmark a running "
-                        "server")
+    require_package_and_gpu("vLLM", "vllm", version, gpu,
+                            "run this on a GPU machine in the vLLM environment (pip install -r "
+                            "requirements-vllm.txt), or pass --base-url to benchmark a running "
+                            "server")
     if version != "unknown" and _version_tuple(version) and \
             _version_tuple(version)[:2] < MIN_VLLM:
         raise UserError(f"vllm {version} has no DFlash speculative method",
