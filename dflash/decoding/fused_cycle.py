@@ -68,8 +68,7 @@ class GreedyCycle:
         pos = pos_all[:b]
         if b > 1:
             block = torch.where(self._offs(nd) == 0, last, self.mask_id)[None]  # [last, MASK...]
-            d_logits = self.draft._propose_logits(block, pos_all, None)[0, :b - 1]
-            proposals = d_logits.argmax(dim=-1)
+            proposals = self.draft._propose_greedy(block, pos_all, None)[:b - 1]
         else:
             proposals = last[:0]
         t_logits, t_feats = self.target._forward(torch.cat([last, proposals])[None], pos, None)

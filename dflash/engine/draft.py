@@ -79,6 +79,12 @@ class DraftEngine:
             return self._graphed_propose(block_ids, positions)
         return self._propose_logits(block_ids, positions, kv_len)
 
+    def _propose_greedy(self, block_ids: torch.Tensor, positions: torch.Tensor,
+                        kv_len: int | None = None) -> torch.Tensor:
+        """Greedy proposals [t-1] for the block (device ops only: the whole-cycle graph of
+        ``decoding/fused_cycle.py`` captures it)."""
+        return self._propose_logits(block_ids, positions, kv_len)[0].argmax(dim=-1)
+
     def _append_context(self, features: torch.Tensor, positions: torch.Tensor):
         cos, sin = self.cos[positions], self.sin[positions]
         if self.fused and self._fused_ctx:
