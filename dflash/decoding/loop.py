@@ -100,7 +100,14 @@ class SpeculativeDecoder:
 
         ``top_p`` / ``top_k`` (temperature > 0; ignored when greedy) filter target and draft
         alike (``dflash.decoding.sampling.probs_at``); emitted tokens follow the filtered target
-        distribution exactly. The defaults (1.0, 0) are the unfiltered path, unchanged."""
+        distribution exactly. The defaults (1.0, 0) are the unfiltered path, unchanged.
+
+        DFlash 2 drafts: proposals are the candidate selector's walk; at T > 0 its proposal
+        distribution (mass on each position's candidate ids only, unfiltered as in the
+        reference) goes into the same exact acceptance and residual ``max(0, p - q)``. A block
+        size below the trained one is drafted natively at that size; truncation mode keeps the
+        first b-1 steps of the walk over the drafted block (a prefix of a walk is itself a walk
+        with the same conditionals, so it stays exact)."""
         if policy is None:
             policy = FixedPolicy(block_size or (self.draft.block_size if self.draft else 1))
         temperature, top_p, top_k = check_sampling(temperature, top_p, top_k)
@@ -138,6 +145,8 @@ class SpeculativeDecoder:
         cycles: list[CycleStat] = []
         pending = None  # the last cycle's policy.update arguments, applied during the next
         mask_id = self.draft.mask_token_id if self.draft is not None else 0
+        dflash2 = draft is not None and self.draft.is_dflash2
+        vocab = draft.lm_head.weight.shape[0] if dflash2 else 0
         # Graph mode, greedy: the whole cycle is one graph replay (decoding/fused_cycle.py).
         fused = self.graphs and greedy and timer is None and fused_cycle_enabled()
         if fused and not stopped:
@@ -179,13 +188,21 @@ class SpeculativeDecoder:
                 dpos = pos if nd == b else torch.arange(start, start + nd, device=self.device)
                 block = torch.full((1, nd), mask_id, dtype=ids.dtype, device=self.device)
                 block[0, 0] = last[0]
-                d_logits = draft.propose_logits(block, dpos, kv_len=start + nd if eager else None)
-                d_logits = d_logits[0, :b - 1]  # [b-1, V]
-                if greedy:
-                    proposals = d_logits.argmax(dim=-1)
+                d_kv = start + nd if eager else None
+                if dflash2:
+                    proposals, q, cand = draft.propose_tokens(block, dpos, d_kv, temperature,
+                                                              generator)
+                    proposals = proposals[:b - 1]
+                    if not greedy:  # the candidates' q as a distribution over the vocabulary
+                        q = torch.zeros(b - 1, vocab, device=self.device).scatter_(
+                            -1, cand[:b - 1], q[:b - 1])
                 else:
-                    q = probs_at(d_logits, temperature, top_p, top_k)
-                    proposals = torch.multinomial(q, 1, generator=generator).squeeze(-1)
+                    d_logits = draft.propose_logits(block, dpos, kv_len=d_kv)[0, :b - 1]
+                    if greedy:
+                        proposals = d_logits.argmax(dim=-1)
+                    else:
+                        q = probs_at(d_logits, temperature, top_p, top_k)
+                        proposals = torch.multinomial(q, 1, generator=generator).squeeze(-1)
                 verify_ids = torch.cat([last, proposals])[None]
             else:
                 proposals = last[:0]

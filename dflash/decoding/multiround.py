@@ -307,6 +307,12 @@ class MultiRoundDecoder:
                  compile: bool = True, _cpu_graph_mode: bool = False):
         if draft is None:
             raise UserError("multi-round speculative sampling needs a draft model")
+        if getattr(draft, "is_dflash2", False):
+            # Its rounds take each block's per-slot draft distributions from one pass; a DFlash 2
+            # draft's proposals are a sequential walk whose distributions depend on the tokens
+            # drawn before them, which these samplers do not track.
+            raise UserError("multi-round speculative sampling does not support DFlash 2 drafts",
+                            "use benchmark.py (single-round speculative sampling) for them")
         if mode not in MODES:
             raise UserError(f"unknown mode '{mode}'", f"choose one of {', '.join(MODES)}")
         sizes = [int(b) for b in round_block_sizes]

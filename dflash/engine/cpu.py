@@ -15,7 +15,8 @@ semantics; on some processors even the same bits, which nothing relies on), with
 - the block's logits use a pre-transposed copy of the (shared) LM head.
 
 Draft variants (causal/windowed layers, other activations, embedding scale, logit multiplier
-and softcapping) are computed here as in ``DraftEngine``.
+and softcapping) are computed here as in ``DraftEngine``; so are DFlash 2's dynamic
+convolutions (through the layer's conv modules).
 
 Used for float32 drafts (``SpeculativeDecoder`` with the static engine on CPU): with
 bfloat16/float16 weights ``x @ w_t`` is an order of magnitude slower than ``F.linear`` here.
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from ..model.draft import DFlashDraft
 from ..model.ops import rms_norm, rope
+from .cuda.dflash2 import dynamic_conv
 from .draft import DraftEngine
 
 
@@ -91,6 +93,7 @@ class CpuDraftEngine(DraftEngine):
                 down_t=t(m.down_proj.weight),
             ))
         self.acts = [l.mlp.act_fn for l in layers]
+        self.convs = [(l.attention_conv, l.mlp_conv) for l in layers]  # DFlash 2, else None
         self.norm_w = draft.norm.weight.detach()
         self.lm_head_t = t(lm_head.weight)
         self.lm_head_b = lm_head.bias
@@ -111,10 +114,10 @@ class CpuDraftEngine(DraftEngine):
         self.k_all.index_copy_(2, positions, k.permute(1, 2, 0, 3))
         self.v_all.index_copy_(2, positions, kv[:, :, 1].permute(1, 2, 0, 3))
 
-    def _propose_logits(self, block_ids: torch.Tensor, positions: torch.Tensor,
-                        kv_len: int | None = None) -> torch.Tensor:
+    def _propose_states(self, block_ids: torch.Tensor, positions: torch.Tensor,
+                        kv_len: int | None = None):
         if kv_len is None:  # graph-mode semantics (whole buffer + mask): the generic path
-            return super()._propose_logits(block_ids, positions, kv_len)
+            return super()._propose_states(block_ids, positions, kv_len)
         nh, nkv, d, eps = self.n_heads, self.n_kv, self.head_dim, self.eps
         b = block_ids.shape[1]
         h = self.draft.embed_block(self.embed, block_ids[0])  # [b, H]
@@ -124,7 +127,11 @@ class CpuDraftEngine(DraftEngine):
         gqa = nh != nkv
         masks = self._layer_masks(positions, kv_len)
         for i, w in enumerate(self.layer_w):
-            qkv = self._mm(rms_norm(h, w["ln1"], eps, keep_float64=True), w["qkv_t"], w["qkv_b"])
+            a_conv, m_conv = self.convs[i]
+            x = rms_norm(h, w["ln1"], eps, keep_float64=True)
+            if a_conv is not None:
+                x, kernel = a_conv.prepare(x, conv=dynamic_conv)
+            qkv = self._mm(x, w["qkv_t"], w["qkv_b"])
             qk = rope(rms_norm(qkv[:, :(nh + nkv) * d].view(b, nh + nkv, d), w["qk_norm"], eps,
                                keep_float64=True),
                        cos, sin).transpose(0, 1)  # [nh + nkv, b, D]
@@ -134,11 +141,18 @@ class CpuDraftEngine(DraftEngine):
             out = F.scaled_dot_product_attention(
                 qk[None, :nh], self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len],
                 attn_mask=masks[i][0], enable_gqa=gqa)  # [1, nh, b, D]
-            h = h + self._mm(out[0].transpose(0, 1).reshape(b, nh * d), w["o_t"], w["o_b"])
-            gate, up = self._mm(rms_norm(h, w["ln2"], eps, keep_float64=True),
-                                w["gu_t"]).chunk(2, dim=-1)
-            h = h + (self.acts[i](gate) * up) @ w["down_t"]
+            o = self._mm(out[0].transpose(0, 1).reshape(b, nh * d), w["o_t"], w["o_b"])
+            if a_conv is not None:
+                o = a_conv.finish(o, kernel, conv=dynamic_conv)
+            h = h + o
+            x = rms_norm(h, w["ln2"], eps, keep_float64=True)
+            if m_conv is not None:
+                x, kernel = m_conv.prepare(x, conv=dynamic_conv)
+            gate, up = self._mm(x, w["gu_t"]).chunk(2, dim=-1)
+            m = (self.acts[i](gate) * up) @ w["down_t"]
+            h = h + (m if m_conv is None else m_conv.finish(m, kernel, conv=dynamic_conv))
         h = rms_norm(h[1:], self.norm_w, eps, keep_float64=True)
         if h.dtype != self.lm_head_t.dtype:
             h = h.to(self.lm_head_t.dtype)
-        return self.draft.finish_logits(self._mm(h, self.lm_head_t, self.lm_head_b)[None])
+        logits = self.draft.finish_logits(self._mm(h, self.lm_head_t, self.lm_head_b)[None])
+        return h[None], logits

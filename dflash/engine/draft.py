@@ -9,6 +9,10 @@ any ``hidden_act``, ``input_embedding_scale``, ``output_multiplier`` and softcap
 variant a fast path cannot do goes to the generic path of this engine (still exact): the
 Triton layer chain and the decode-attention kernel need full-attention layers, the fused
 SwiGLU math needs ``silu`` and no attention biases.
+
+DFlash 2 drafts (``draft.is_dflash2``): the dynamic convolutions run on every path but the
+Triton layer chain (which does not have them yet); proposals are the candidate selector's
+walk over the final-normed block states (``propose_tokens``, ``_propose_greedy``).
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..model.draft import DFlashDraft, kind_mask
-from ..model.ops import rope_cos_sin
+from ..model.ops import rms_norm, rope, rope_cos_sin
+from .cuda.dflash2 import dynamic_conv, select_walk
 from .cuda.kernels import attention_supported, decode_attention, linear
 from .cuda.layer import fused_layers, layer_kernels_enabled, layer_supported
 from .graphs import FusedLayer, GraphCache, draft_context_kv, maybe_compile, post_attention, pre_attention
@@ -55,6 +60,11 @@ class DraftEngine:
         self._graphed_append = GraphCache(self._append_context, graphs)
         self._graphed_propose = GraphCache(lambda ids, pos: self._propose_logits(ids, pos, None),
                                            graphs)
+        self._graphed_states = GraphCache(lambda ids, pos: self._propose_states(ids, pos, None),
+                                          graphs)
+        self._graphed_greedy = GraphCache(lambda ids, pos: self._propose_greedy(ids, pos, None),
+                                          graphs)
+        self.selector = draft.candidate_selector  # None: DFlash 1 (proposals from the logits)
         self.device, self.dtype = draft.device, draft.dtype
         self.capacity = capacity
         shape = (1, cfg.num_key_value_heads, capacity, cfg.head_dim)
@@ -82,8 +92,36 @@ class DraftEngine:
     def _propose_greedy(self, block_ids: torch.Tensor, positions: torch.Tensor,
                         kv_len: int | None = None) -> torch.Tensor:
         """Greedy proposals [t-1] for the block (device ops only: the whole-cycle graph of
-        ``decoding/fused_cycle.py`` captures it)."""
-        return self._propose_logits(block_ids, positions, kv_len)[0].argmax(dim=-1)
+        ``decoding/fused_cycle.py`` captures it). DFlash 2: the selector's greedy walk."""
+        if self.selector is None:
+            return self._propose_logits(block_ids, positions, kv_len)[0].argmax(dim=-1)
+        h, logits = self._propose_states(block_ids, positions, kv_len)
+        return self.selector.propose(h[0], logits[0], block_ids[0, :1], 0.0, walk=select_walk)[0]
+
+    def propose_tokens(self, block_ids: torch.Tensor, positions: torch.Tensor,
+                       kv_len: int | None = None, temperature: float = 0.0, generator=None,
+                       probs=None):
+        """Proposals for the block: (tokens [t-1], q, candidate ids [t-1, k] or None).
+
+        DFlash 1: q = ``probs(logits)`` [t-1, V] (the caller's filtered draft distribution;
+        None when greedy), candidates None. DFlash 2: q [t-1, k] is the selector's (unfiltered,
+        as the reference) distribution over the candidate ids at each position, given the
+        proposals before it (``probs`` unused)."""
+        if self.selector is None:
+            logits = self.propose_logits(block_ids, positions, kv_len)[0]
+            if temperature <= 0:
+                return logits.argmax(dim=-1), None, None
+            q = probs(logits)
+            return torch.multinomial(q, 1, generator=generator).squeeze(-1), q, None
+        if temperature <= 0 and self.graphs and kv_len is None:
+            return self._graphed_greedy(block_ids, positions), None, None
+        if self.graphs and kv_len is None:
+            h, logits = self._graphed_states(block_ids, positions)
+        else:
+            h, logits = self._propose_states(block_ids, positions, kv_len)
+        tokens, cand, q = self.selector.propose(h[0], logits[0], block_ids[0, :1], temperature,
+                                                generator=generator, walk=select_walk)
+        return tokens, q, cand
 
     def _append_context(self, features: torch.Tensor, positions: torch.Tensor):
         cos, sin = self.cos[positions], self.sin[positions]
@@ -119,6 +157,11 @@ class DraftEngine:
 
     def _propose_logits(self, block_ids: torch.Tensor, positions: torch.Tensor,
                         kv_len: int | None = None) -> torch.Tensor:
+        return self._propose_states(block_ids, positions, kv_len)[1]
+
+    def _propose_states(self, block_ids: torch.Tensor, positions: torch.Tensor,
+                        kv_len: int | None = None):
+        """(final-normed states [1, t-1, H] in the head's dtype or None, logits [1, t-1, V])."""
         h = self.draft.embed_block(self.embed, block_ids).to(self.dtype)
         t = block_ids.shape[1]
         # graph mode (whole buffer): every query sees the whole block
@@ -126,7 +169,7 @@ class DraftEngine:
         # Decode-sized graph steps: the whole layer in Triton kernels (dflash/layer_kernels.py),
         # for full-attention drafts (its attention has one limit per query, no window).
         if (self.fused and lim is not None and self.draft.full_attention
-                and layer_kernels_enabled()
+                and not self.draft.is_dflash2 and layer_kernels_enabled()
                 and layer_supported(self.fused_layers[0], h[0], self.k_cache[0], self.cos)):
             x, _ = fused_layers(h[0], self.fused_layers, self.draft.norm.weight, positions, lim,
                                 self.k_cache, self.v_cache, self.cos, self.sin,
@@ -134,7 +177,7 @@ class DraftEngine:
                                 eps=self.eps)
             logits = linear(x[1:].to(self.lm_head.weight.dtype), self.lm_head.weight,
                             self.lm_head.bias)[None]
-            return self.draft.finish_logits(logits)
+            return None, self.draft.finish_logits(logits)
         cos, sin = self.cos[positions], self.sin[positions]
         masks = self._layer_masks(positions, kv_len)
         if kv_len is None:  # positional mask over the whole buffer
@@ -142,13 +185,21 @@ class DraftEngine:
         for i, layer in enumerate(self.draft.layers):
             attn = layer.self_attn
             mask, full = masks[i]
-            if self.fused:
+            conv = layer.attention_conv  # DFlash 2 (else None)
+            if self.fused and conv is not None:
+                fl = self.fused_layers[i]
+                x, kernel = conv.prepare(rms_norm(h, fl.ln1, self.eps), conv=dynamic_conv)
+                q, k, v = _fused_qkv(x, cos[None, None], sin[None, None], fl, self.n_heads,
+                                     self.n_kv, self.head_dim, self.eps)
+            elif self.fused:
                 fl = self.fused_layers[i]
                 q, k, v = self._pre(h, cos[None, None], sin[None, None], fl.ln1, fl.wqkv, fl.bqkv,
                                     fl.qn, fl.kn, sizes=fl.sizes, n_heads=self.n_heads,
                                     n_kv=self.n_kv, head_dim=self.head_dim, eps=self.eps)
             else:
                 x = layer.input_layernorm(h)
+                if conv is not None:
+                    x, kernel = conv.prepare(x, conv=dynamic_conv)
                 q = attn.project_q(x, cos, sin)
                 k, v = attn.project_kv(x, cos, sin)
             self.k_cache[i].index_copy_(2, positions, k)
@@ -161,8 +212,16 @@ class DraftEngine:
                     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                          enable_gqa=self.n_heads != self.n_kv)
                     out = out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
-                h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps,
-                               gu_chunk=fl.gu_chunk)
+                if conv is not None:
+                    h = _fused_post2(h, out, kernel, fl, layer, self.eps)
+                else:
+                    h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps,
+                                   gu_chunk=fl.gu_chunk)
+            elif conv is not None:
+                h = h + conv.finish(attn.attend(q, keys, values, mask), kernel, conv=dynamic_conv)
+                x, kernel = layer.mlp_conv.prepare(layer.post_attention_layernorm(h),
+                                                   conv=dynamic_conv)
+                h = h + layer.mlp_conv.finish(layer.mlp(x), kernel, conv=dynamic_conv)
             else:
                 h = h + attn.attend(q, keys, values, mask)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -170,4 +229,30 @@ class DraftEngine:
         h = h.to(self.lm_head.weight.dtype)
         logits = linear(h, self.lm_head.weight, self.lm_head.bias) if self.fused \
             else self.lm_head(h)
-        return self.draft.finish_logits(logits)
+        return h, self.draft.finish_logits(logits)
+
+
+# --- DFlash 2 on the fused path: graphs.py's pre/post-attention math with the dynamic convs
+# between the norms and the projections (the conv needs the normed input, which those fuse).
+def _fused_qkv(x, cos, sin, fl, n_heads, n_kv, head_dim, eps):
+    """Normed (and convolved) x [1, T, H] -> q, k [1, h, T, D] (normed, rotated), v."""
+    t = x.shape[1]
+    q, k, v = linear(x, fl.wqkv, fl.bqkv).split(fl.sizes, dim=-1)
+    q, k = q.view(1, t, n_heads, head_dim), k.view(1, t, n_kv, head_dim)
+    if fl.qn is not None:
+        q, k = rms_norm(q, fl.qn, eps), rms_norm(k, fl.kn, eps)
+    return (rope(q.transpose(1, 2), cos, sin), rope(k.transpose(1, 2), cos, sin),
+            v.view(1, t, n_kv, head_dim).transpose(1, 2))
+
+
+def _fused_post2(h, attn_out, kernel, fl, layer, eps):
+    """o_proj + attention_conv.finish + residual, norm + mlp_conv around the SwiGLU + residual."""
+    h = h + layer.attention_conv.finish(linear(attn_out, fl.wo), kernel, conv=dynamic_conv)
+    x, kernel = layer.mlp_conv.prepare(rms_norm(h, fl.ln2, eps), conv=dynamic_conv)
+    gu = linear(x, fl.wgu)
+    if fl.gu_chunk:  # interleaved gate/up rows (FusedLayer)
+        gu = gu.unflatten(-1, (-1, 2, fl.gu_chunk))
+        gate, up = gu[..., 0, :].flatten(-2), gu[..., 1, :].flatten(-2)
+    else:
+        gate, up = gu.chunk(2, dim=-1)
+    return h + layer.mlp_conv.finish(linear(F.silu(gate) * up, fl.wd), kernel, conv=dynamic_conv)

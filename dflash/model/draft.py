@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from . import dflash2
 from .hub import resolve_model_dir
 from .ops import rms_norm, rope, rope_cos_sin
 
@@ -67,6 +68,11 @@ class DraftConfig:
     input_embedding_scale: float = 1.0
     output_multiplier: float = 1.0
     final_logit_softcapping: float | None = None
+    # DFlash 2 (architectures ["DFlash2DraftModel"]; None for DFlash 1): see model/dflash2.py
+    conv_kernel_size: int | None = None
+    conv_group_size: int | None = None
+    selector_rank: int | None = None
+    selector_top_k: int | None = None
     extra: dict = field(default_factory=dict)  # every other key of config.json, kept on save
     dflash_extra: dict = field(default_factory=dict)  # dflash_config as read (written back)
 
@@ -74,10 +80,6 @@ class DraftConfig:
     def from_dict(cls, cfg: dict) -> "DraftConfig":
         cfg = dict(cfg)
         dcfg = dict(cfg.get("dflash_config") or {})
-        if "DFlash2DraftModel" in (cfg.get("architectures") or []):
-            raise UserError("this checkpoint is a DFlash 2 draft (architectures "
-                            "['DFlash2DraftModel']); only DFlash 1 drafts are supported",
-                            "use a DFlash 1 draft (architectures ['DFlashDraftModel'])")
         mask_id = _lookup(cfg, dcfg, "mask_token_id")
         if mask_id is None:
             raise UserError("draft config has no mask_token_id (neither in dflash_config nor at "
@@ -116,6 +118,8 @@ class DraftConfig:
         except KeyError as err:
             raise UserError(f"draft config lacks the key {err}",
                             "is this a DFlash draft checkpoint (config with dflash_config)?") from err
+        if dflash2.ARCHITECTURE in (cfg.get("architectures") or []):
+            _read_dflash2(out, cfg, dcfg)
         known = set(asdict(out)) | {"dflash_config", "torch_dtype", "head_dim"}
         out.extra = {k: v for k, v in cfg.items() if k not in known}
         out.dflash_extra = dcfg
@@ -128,6 +132,9 @@ class DraftConfig:
         # dflash_config as read, with the current values of the keys it held (it wins on reload)
         dcfg = dict(self.dflash_extra)
         dcfg.update(mask_token_id=self.mask_token_id, target_layer_ids=list(self.target_layer_ids))
+        if self.is_dflash2:  # every DFlash 2 setting, block_size included, in dflash_config
+            dcfg.update({k: getattr(self, k) for k in dflash2.DFLASH2_KEYS},
+                        block_size=self.block_size)
         for name, default in DFLASH_KEYS.items():
             value = getattr(self, name)
             if name in dcfg:
@@ -150,6 +157,10 @@ class DraftConfig:
         cfg.setdefault("tie_word_embeddings", True)
         return cfg
 
+    @property
+    def is_dflash2(self) -> bool:
+        return self.selector_top_k is not None
+
     def hf_config(self):
         """The transformers Qwen3Config of this draft (the reference's config class): rope,
         layer types and sliding windows are read through it exactly as the reference reads them."""
@@ -160,6 +171,24 @@ class DraftConfig:
             return Qwen3Config.from_dict(cfg)
         except Exception as err:  # noqa: BLE001 - any validation failure is a config problem
             raise UserError(f"draft config is not a valid Qwen3-style config: {err}") from err
+
+
+def _read_dflash2(out: DraftConfig, cfg: dict, dcfg: dict) -> None:
+    """The DFlash 2 settings of a DFlash2DraftModel config, checked (one-line UserErrors)."""
+    for name in dflash2.DFLASH2_KEYS:
+        value = _lookup(cfg, dcfg, name)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"DFlash 2 draft config: {name} is {value!r}",
+                            f"dflash_config.{name} must be a positive integer")
+        setattr(out, name, value)
+    if out.hidden_size % out.conv_group_size:
+        raise UserError(f"DFlash 2 draft config: conv_group_size {out.conv_group_size} does not "
+                        f"divide hidden_size {out.hidden_size}")
+    if out.selector_top_k > out.vocab_size:
+        raise UserError(f"DFlash 2 draft config: selector_top_k {out.selector_top_k} exceeds "
+                        f"vocab_size {out.vocab_size}")
 
 
 class RMSNorm(nn.Module):
@@ -310,10 +339,18 @@ class DraftLayer(nn.Module):
         self.mlp = DraftMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention_conv = self.mlp_conv = None  # DFlash 2: dynamic convs around both
+        if cfg.is_dflash2:
+            self.attention_conv = dflash2.DynamicConv(cfg.hidden_size, cfg.conv_kernel_size,
+                                                      cfg.conv_group_size)
+            self.mlp_conv = dflash2.DynamicConv(cfg.hidden_size, cfg.conv_kernel_size,
+                                                cfg.conv_group_size)
 
     def forward(self, h, ctx, q_rope, k_rope, mask):
         """h: block states [B, Q, H]; ctx: projected target features [B, S, H] (not normed here)."""
         x = self.input_layernorm(h)
+        if self.attention_conv is not None:
+            x, kernel = self.attention_conv.prepare(x)
         attn = self.self_attn
         q = attn.project_q(x, *q_rope)
         k, v = attn.project_kv(torch.cat([ctx, x], dim=1), *k_rope)
@@ -321,8 +358,15 @@ class DraftLayer(nn.Module):
             s_q, s_k = q.shape[2], k.shape[2]
             k_pos = torch.arange(s_k, device=h.device)
             mask = kind_mask(k_pos[s_k - s_q:], k_pos, attn.causal, attn.window)[None, None]
-        h = h + attn.attend(q, k, v, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        out = attn.attend(q, k, v, mask)
+        if self.attention_conv is not None:
+            out = self.attention_conv.finish(out, kernel)
+        h = h + out
+        x = self.post_attention_layernorm(h)
+        if self.mlp_conv is None:
+            return h + self.mlp(x)
+        x, kernel = self.mlp_conv.prepare(x)
+        return h + self.mlp_conv.finish(self.mlp(x), kernel)
 
 
 class DFlashDraft(nn.Module):
@@ -341,6 +385,15 @@ class DFlashDraft(nn.Module):
         self.attention_kinds = attention_kinds(config)
         for layer, (causal, window) in zip(self.layers, self.attention_kinds):
             layer.self_attn.causal, layer.self_attn.window = causal, window
+        self.candidate_selector = None  # DFlash 2: proposals are the selector's walk
+        if config.is_dflash2:
+            self.candidate_selector = dflash2.CandidateSelector(
+                config.hidden_size, config.vocab_size, config.selector_rank,
+                config.selector_top_k)
+
+    @property
+    def is_dflash2(self) -> bool:
+        return self.candidate_selector is not None
 
     # --- the attributes users of the upstream draft rely on
     @property
@@ -467,6 +520,7 @@ class DFlashDraft(nn.Module):
             raise UserError(f"no .safetensors weights in '{folder}'")
         for f in files:
             state.update(load_file(str(f)))
+        state = dflash2.rename_codebooks(state)
         expected = set(model.state_dict())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
