@@ -128,6 +128,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         if verbose:
             traceback.print_exc()
         print(f"{prog}: error: {err.one_line()}", file=sys.stderr)
+        if as_process:
+            end_torchrun_quietly()
     except BrokenPipeError:
         # The reader went away (``... | head``): what it wanted is printed; stop quietly.
         _silence_stdout()
@@ -221,3 +223,88 @@ def parse_int_list(text, name: str, *, minimum: int | None = None, duplicates: s
     if not values:
         raise UserError(say("empty"), hint)
     return values
+
+
+# -- a refusal under a direct ``torchrun`` launch -------------------------------------------
+# torchrun (torch.distributed.run) ends in one of three ways: exit 0 when every worker exited 0;
+# a ChildFailedError traceback and exit 1 when one did not (raised by launch_agent, re-raised by
+# the @record wrapper of its main); or death by a signal it does not handle (it turns SIGTERM,
+# SIGINT, SIGHUP and SIGQUIT into a SignalException traceback). A worker cannot set its exit
+# status, so the only quiet non-zero end is the last: after a UserError's one line the worker
+# SIGKILLs its agent (exit status 137 for the shell) and the sibling workers, which the agent
+# would otherwise stop itself. A crash (any other exception) keeps torchrun's report.
+
+QUIET_TORCHRUN_ENV = "DFLASH_QUIET_TORCHRUN"   # "0": leave torchrun's report (the wrappers filter it)
+_TORCHRUN_ARGV = ("torchrun", "torch.distributed.run", "torch.distributed.launch")
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (torchrun's workers are session leaders)."""
+    kids = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return kids
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")"
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                kids.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
+def torchrun_agent() -> int | None:
+    """The pid of the torchrun agent that started this process directly, on one node; None
+    otherwise (not under torchrun, several nodes, no /proc, or the wrappers asked to keep the
+    report: their filter keeps the worker's exit status)."""
+    env = os.environ
+    if env.get(QUIET_TORCHRUN_ENV, "1") == "0" or "TORCHELASTIC_RUN_ID" not in env:
+        return None
+    if env.get("GROUP_WORLD_SIZE", "1") != "1":
+        return None  # other nodes' agents learn of a failure from this one's rendezvous
+    parent = os.getppid()
+    argv = _cmdline(parent)
+    if parent <= 1 or not any(os.path.basename(a) in _TORCHRUN_ARGV or a in _TORCHRUN_ARGV
+                              for a in argv[:3]):
+        return None
+    return parent
+
+
+def end_torchrun_quietly() -> None:
+    """Under a direct single-node torchrun launch: stop the agent before it reports this
+    worker's failure (see above), then the other workers; a no-op anywhere else."""
+    agent = torchrun_agent()
+    if agent is None:
+        return
+    siblings = [p for p in _children(agent) if p != os.getpid()]
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        os.kill(agent, signal.SIGKILL)  # first: it polls its workers every 0.1 s
+    except OSError:
+        return
+    for pid in siblings:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

@@ -93,6 +93,7 @@ def execute(run: Run, plan: Plan, env: Mapping[str, str] | None = None) -> None:
     run.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
     child_env = dict(env if env is not None else os.environ)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
+    child_env.setdefault("DFLASH_QUIET_TORCHRUN", "0")  # TorchrunFilter keeps the worker's status
     start = time.time()
     out = sys.stdout.buffer
     mode = "ab" if plan.resume else "wb"

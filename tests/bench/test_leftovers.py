@@ -1,7 +1,8 @@
 """Issue 20's leftover behaviours of the bench room, each checked as a user meets it:
 
 * a refusal inside a torchrun launch reads as the worker's one line and its exit status, not
-  torchrun's ChildFailedError traceback;
+  torchrun's ChildFailedError traceback (through a wrapper; run directly, the one line and a
+  non-zero exit), while a crash keeps torchrun's report;
 * SIGTERM to a wrapper exits 143, SIGINT 130 (with the summary of what finished);
 * ``python -m dflash.analyze ... | head`` ends quietly (no BrokenPipeError).
 """
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +83,49 @@ def test_refusal_under_torchrun_is_one_line_and_its_exit_status(tmp_path, pair_e
     row = read_csv(tmp_path / "bench_tr" / "summary.csv").iloc[0]
     assert row["status"] == "failed" and row["returncode"] == 2
     assert row["error"].startswith("benchmark.py: error: --block-size must be >= 1")
+
+
+def _torchrun() -> list[str]:
+    script = Path(sys.executable).with_name("torchrun")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _direct_torchrun(args, tmp_path, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("DFLASH_QUIET_TORCHRUN",
+                                                           "DFLASH_VERBOSE")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([*_torchrun(), "--nproc_per_node=1", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_refusal_under_a_direct_torchrun_is_our_one_line(tmp_path):
+    """``torchrun --nproc_per_node=1 benchmark.py <bad args>``, not through a wrapper: the
+    worker's one line, a non-zero exit (torchrun cannot exit with the worker's status without
+    its report: see errors.end_torchrun_quietly), no torchrun report."""
+    res = _direct_torchrun([str(REPO / "benchmark.py"), "--dataset", "builtin-code",
+                            "--block-size", "0"], tmp_path)
+    ours = [ln for ln in res.stderr.splitlines() if "error" in ln.lower()]
+    assert ours == ["benchmark.py: error: --block-size must be >= 1, got 0"], res.stderr
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr
+
+
+def test_a_crash_under_a_direct_torchrun_keeps_its_report(tmp_path):
+    """A bug is not a refusal: torchrun's report (and exit 1) stays; the wrappers' opt-out
+    (DFLASH_QUIET_TORCHRUN=0) keeps the report of a refusal for their filter."""
+    script = tmp_path / "crash.py"
+    script.write_text("import sys\nfrom dflash.errors import UserError, run_cli\n"
+                      "def main(argv):\n"
+                      "    if argv == ['bad']:\n        raise UserError('--x is bad')\n"
+                      "    raise RuntimeError('a genuine bug')\n"
+                      "run_cli(main)\n")
+    res = _direct_torchrun([str(script), "boom"], tmp_path)
+    assert res.returncode == 1
+    assert "crash.py: error: RuntimeError: a genuine bug" in res.stderr
+    assert "ChildFailedError" in res.stderr, res.stderr
+    res = _direct_torchrun([str(script), "bad"], tmp_path, {"DFLASH_QUIET_TORCHRUN": "0"})
+    assert "crash.py: error: --x is bad" in res.stderr
+    assert res.returncode == 1 and "exitcode: 2" in res.stderr, res.stderr
 
 
 def _samples(path) -> int:
