@@ -26,6 +26,7 @@ import os
 import torch
 
 from .kernels import config_for, decode_attention, pdl_opts, triton, use_pdl
+from .dflash2 import chain_conv_supported, conv_finish_residual_norm, conv_prepare
 
 if triton is not None:
     import triton.language as tl
@@ -189,12 +190,17 @@ def layer_supported(fl, x: torch.Tensor, k_cache: torch.Tensor, cos: torch.Tenso
 
 
 def fused_layer(h, x1, fl, next_norm, positions, lim, k_cache, v_cache, cos, sin, *, n_heads,
-                n_kv, head_dim, eps, window=None):
+                n_kv, head_dim, eps, window=None, conv=None):
     """One decoder layer for T <= 16 tokens: residual h [T, hidden] and its normed input x1 ->
     (new h, norm(new h; next_norm)). Writes this layer's k/v into the caches.
 
     ``lim`` [T]: last cache slot each query sees (its position for a causal target step, the
-    block's last position for the draft). ``window``: a sliding-window layer's width."""
+    block's last position for the draft). ``window``: a sliding-window layer's width.
+    ``conv``: a DFlash 2 layer's (attention, MLP) ``dflash2.ChainConv`` pair."""
+    if conv is not None:
+        return _dflash2_layer(h, x1, fl, next_norm, positions, lim, k_cache, v_cache, cos, sin,
+                              conv, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, eps=eps,
+                              window=window)
     qkv = _gemm(x1, fl.wqkv)
     q = qk_rope_cache(qkv, positions, cos, sin, fl.qn, fl.kn, k_cache, v_cache, n_heads, n_kv,
                       head_dim, eps)
@@ -204,13 +210,38 @@ def fused_layer(h, x1, fl, next_norm, positions, lim, k_cache, v_cache, cos, sin
     return residual_norm(h, _gemm(act, fl.wd, partial=True), next_norm, eps)
 
 
+def _dflash2_layer(h, x1, fl, next_norm, positions, lim, k_cache, v_cache, cos, sin, conv, *,
+                   n_heads, n_kv, head_dim, eps, window=None):
+    """A DFlash 2 layer: the DFlash 1 kernels with each sublayer wrapped in its dynamic conv
+    (prepare after the norm, finish folded into the residual add + norm after the output
+    and down projections); 13 launches instead of 9."""
+    attn_conv, mlp_conv = conv
+    xc, taps = conv_prepare(x1, attn_conv)
+    qkv = _gemm(xc, fl.wqkv)
+    q = qk_rope_cache(qkv, positions, cos, sin, fl.qn, fl.kn, k_cache, v_cache, n_heads, n_kv,
+                      head_dim, eps)
+    attn = decode_attention(q, k_cache, v_cache, lim, window=window)[0]
+    h, x2 = conv_finish_residual_norm(h, _gemm(attn, fl.wo, partial=True), taps, attn_conv,
+                                      fl.ln2, eps)
+    xc, taps = conv_prepare(x2, mlp_conv)
+    act = _gemm(xc, fl.wgu, swiglu=True)
+    return conv_finish_residual_norm(h, _gemm(act, fl.wd, partial=True), taps, mlp_conv,
+                                     next_norm, eps)
+
+
+def dflash2_chain_supported(convs, x: torch.Tensor) -> bool:
+    """Whether the chain runs every DFlash 2 conv of the draft (``dflash2.chain_convs``)."""
+    return all(chain_conv_supported(c, x) for pair in convs for c in pair)
+
+
 def fused_layers(h, layers, final_norm, positions, lim, k_caches, v_caches, cos, sin,
-                 capture=(), windows=None, **kw):
+                 capture=(), windows=None, convs=None, **kw):
     """All layers on h [T, hidden] -> (final-normed h, {layer index: residual after it}).
 
     The last layer's entry is the final-normed state (HF's ``hidden_states[L]``, the
     reference's feature for that layer id). ``windows``: per layer, a sliding-window width
-    or None (full attention); None for all layers: every layer full."""
+    or None (full attention); None for all layers: every layer full. ``convs``: a DFlash 2
+    draft's per-layer conv pairs (``dflash2.chain_convs``), None for DFlash 1."""
     h, x = residual_norm(h, None, layers[0].ln1, kw["eps"])
     captured = {}
     last = len(layers) - 1
@@ -218,7 +249,7 @@ def fused_layers(h, layers, final_norm, positions, lim, k_caches, v_caches, cos,
         nxt = layers[i + 1].ln1 if i < last else final_norm
         win = windows[i] if windows is not None else None
         h, x = fused_layer(h, x, fl, nxt, positions, lim, k_caches[i], v_caches[i], cos, sin,
-                           window=win, **kw)
+                           window=win, conv=convs[i] if convs is not None else None, **kw)
         if i in capture:
             captured[i] = x if i == last else h
     return x, captured
