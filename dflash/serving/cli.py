@@ -28,7 +28,9 @@ IDENTITY_KEYS = ("dataset_name", "target_model", "draft_model", "tokenizer", "ch
                  "questions_per_concurrency_base", "max_questions_per_config", "block_size",
                  "dtype", "mem_fraction_static", "max_running_requests", "tp_size",
                  "disable_radix_cache", "batch_requests", "stream", "seed", "ignore_eos",
-                 "server_args")
+                 "server_args", "top_p", "top_k")
+# What a log written before a key existed meant by it (--resume compares against these).
+IDENTITY_DEFAULTS = {"top_p": 1.0, "top_k": 0}
 LOG_VERSION = 1
 
 
@@ -64,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-questions-per-config", type=int, default=64)
     g.add_argument("--max-new-tokens", type=int, default=2048)
     g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass sent with each request (0 < p <= 1; default 1 = "
+                        "off; ignored at temperature 0)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="top-k sent with each request (default 0 = off; ignored at "
+                        "temperature 0)")
     g.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-new-tokens tokens")
     g.add_argument("--seed", type=int, default=0, help="server --random-seed (default 0)")
@@ -174,6 +182,11 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--mem-fraction-static must be in (0, 1], got {args.mem_fraction_static}")
     if not (args.temperature >= 0.0) or math.isinf(args.temperature):
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    # the wording of dflash.decoding.sampling.check_sampling (which imports torch)
+    if not (0.0 < args.top_p <= 1.0):  # also refuses NaN
+        raise UserError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be an integer >= 0 (0 = off), got {args.top_k}")
     if args.engine != "sglang" and args.batch_requests:
         raise UserError(f"--batch-requests has no equivalent with --engine {args.engine}",
                         "it sends SGLang's batched /generate; drop it")
@@ -281,7 +294,7 @@ def identity_of(args: argparse.Namespace) -> dict:
         "max_running_requests": args.max_running_requests, "tp_size": args.tp_size,
         "disable_radix_cache": args.disable_radix_cache, "batch_requests": args.batch_requests,
         "stream": args.stream, "seed": args.seed, "ignore_eos": args.ignore_eos,
-        "server_args": args.server_arg_list}
+        "server_args": args.server_arg_list, "top_p": args.top_p, "top_k": args.top_k}
     return {k: values[k] for k in IDENTITY_KEYS}
 
 

@@ -54,6 +54,11 @@ def sampling_params(args: argparse.Namespace) -> dict:
     params = {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
     if args.temperature == 0:
         params.update(top_p=1.0, top_k=1)
+    else:  # "off" is left out: SGLang's own off is top_k -1, not our 0
+        if args.top_p != 1.0:
+            params["top_p"] = args.top_p
+        if args.top_k > 0:
+            params["top_k"] = args.top_k
     if args.ignore_eos:
         params["ignore_eos"] = True
     return params
@@ -132,6 +137,11 @@ class OpenAIProtocol:
             self.body["top_p"] = 1.0
             if engine == "vllm":  # an extension vLLM documents; other servers may refuse it
                 self.body["top_k"] = 1
+        else:
+            if args.top_p != 1.0:
+                self.body["top_p"] = args.top_p
+            if args.top_k > 0:  # asked for: vLLM and llama.cpp take it (outside OpenAI's API)
+                self.body["top_k"] = args.top_k
         if args.ignore_eos:
             self.body["ignore_eos"] = True  # vLLM and llama.cpp extension
         if args.seed is not None:

@@ -12,8 +12,8 @@ from typing import Sequence
 
 from ..errors import UserError, run_cli
 from ..runlog import GracefulStop
-from .cli import IDENTITY_KEYS, MODE_LABEL, MODES, Paths, identity_of, n_prompts, \
-    output_paths, parse_args
+from .cli import IDENTITY_DEFAULTS, IDENTITY_KEYS, MODE_LABEL, MODES, Paths, identity_of, \
+    n_prompts, output_paths, parse_args
 from .client import RequestFailed, check_reachable, get_server_info, run_load, \
     server_avg_accept_length
 from .engines import Engine, make_engine
@@ -184,7 +184,7 @@ def _settings(args, engine: Engine, source: str, texts: list[str], backends: lis
         "questions_per_concurrency_base": args.questions_per_concurrency_base,
         "max_questions_per_config": args.max_questions_per_config,
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-        "ignore_eos": args.ignore_eos, "stream": args.stream,
+        "top_p": args.top_p, "top_k": args.top_k, "ignore_eos": args.ignore_eos, "stream": args.stream,
         "batch_requests": args.batch_requests,
         "server": args.base_url or "launched by this script",
         "attention_backends_requested": args.backend_list,
@@ -253,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.base_url:  # nothing is written until the server is known to be there and ready
         external = _before_output(lambda: probe_external(args, texts, engine),
                                   f"waiting for the server at {args.base_url}")
-    store = ResultStore(paths.jsonl, identity_of(args), args.resume, argv_list, IDENTITY_KEYS)
+    store = ResultStore(paths.jsonl, identity_of(args), args.resume, argv_list, IDENTITY_KEYS,
+                        IDENTITY_DEFAULTS)
     for n in store.notes:
         print(f"note: {n}", flush=True)
     reporter = Reporter(args, paths, store, _settings(args, engine, source, texts, backends,

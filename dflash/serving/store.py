@@ -54,7 +54,7 @@ class ResultStore:
     finished configuration, each flushed and fsynced."""
 
     def __init__(self, path: Path, identity: dict, resume: bool, argv: list[str],
-                 identity_keys: tuple[str, ...] = ()):
+                 identity_keys: tuple[str, ...] = (), identity_defaults: dict | None = None):
         self.path = path
         self.identity = identity
         self.results: dict[tuple, dict] = {}
@@ -65,7 +65,7 @@ class ResultStore:
             if header is None:
                 raise UserError(f"--resume: {path} has no header record",
                                 "use another --output-md / --results-jsonl, or drop --resume")
-            theirs = header.get("identity", {})
+            theirs = {**(identity_defaults or {}), **header.get("identity", {})}
             keys = identity_keys or tuple(identity)
             diff = [f"{k}: {theirs.get(k)!r} there, {identity.get(k)!r} now"
                     for k in keys if theirs.get(k) != identity.get(k)]

@@ -92,7 +92,14 @@ class FakeState:
     @staticmethod
     def _epoch() -> dict:
         return {"requests": 0, "inflight": 0, "max_inflight": 0, "completion_tokens": 0,
-                "prompt_tokens": 0, "drafts": 0, "accepted": 0}
+                "prompt_tokens": 0, "drafts": 0, "accepted": 0, "sampling": []}
+
+    def note_sampling(self, ep: dict, body: dict) -> None:
+        """The distinct sampling fields of an epoch's requests (tests check what arrived)."""
+        fields = {k: body[k] for k in ("temperature", "top_p", "top_k") if k in body}
+        with self.lock:
+            if fields not in ep["sampling"]:
+                ep["sampling"].append(fields)
 
     def begin(self) -> tuple[int, dict]:
         with self.lock:
@@ -132,7 +139,8 @@ class FakeState:
             return {"generate_count": self.count, "max_inflight_requests": self.max_inflight,
                     "speculative": self.speculative, "counters": json.loads(
                         json.dumps(self.counters)),
-                    "epochs": [dict(e) for e in self.epochs if e["requests"]]}
+                    "epochs": [dict(e, sampling=list(e["sampling"])) for e in self.epochs
+                               if e["requests"]]}
 
     def generate(self, prompt: str, max_tokens: int) -> tuple[dict, float]:
         digest = int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16)
@@ -250,6 +258,7 @@ def make_handler(state: FakeState):
                 self._send(400, {"error": {"message": "prompt must be a string (test double)"}})
                 return
             number, epoch = state.begin()
+            state.note_sampling(epoch, body)
             done = None
             try:
                 if number in a.fake_drop_requests:

@@ -95,7 +95,15 @@ class FakeState:
     def _new_epoch() -> dict:
         return {"requests": 0, "sequences": 0, "max_inflight_requests": 0,
                 "max_inflight_sequences": 0, "inflight_requests": 0, "inflight_sequences": 0,
-                "completion_tokens": 0, "prompt_tokens": 0, "accept_lengths": []}
+                "completion_tokens": 0, "prompt_tokens": 0, "accept_lengths": [],
+                "sampling": []}
+
+    def note_sampling(self, ep: dict, params: dict) -> None:
+        """The distinct sampling fields of an epoch's requests (tests check what arrived)."""
+        fields = {k: v for k, v in params.items() if k != "max_new_tokens"}
+        with self.lock:
+            if fields not in ep["sampling"]:
+                ep["sampling"].append(fields)
 
     def ready(self) -> bool:
         if self.args.fake_never_ready:
@@ -149,7 +157,8 @@ class FakeState:
                     "flush_count": self.flush_count,
                     "speculative": self.speculative,
                     "prompts_seen": list(self.prompts_seen),
-                    "epochs": [dict(e, accept_lengths=list(e["accept_lengths"]))
+                    "epochs": [dict(e, accept_lengths=list(e["accept_lengths"]),
+                                    sampling=list(e["sampling"]))
                                for e in self.epochs if e["requests"]]}
 
     def make_meta(self, prompt: str, max_new_tokens: int) -> tuple[dict, float]:
@@ -248,6 +257,7 @@ def make_handler(state: FakeState):
             params = body.get("sampling_params") or {}
             max_new = int(params.get("max_new_tokens") or 128)
             number, epoch = state.begin(prompts)
+            state.note_sampling(epoch, params)
             metas = None
             try:
                 if number in state.args.fake_drop_requests:

@@ -489,3 +489,56 @@ def test_chat_template_applied_client_side(tmp_path, capsys):
         prompts = fake.state.stats()["prompts_seen"]
     assert prompts and all(p.startswith("<|user|>") and p.endswith("<|assistant|>think=False")
                            for p in prompts)
+
+
+# ----------------------------------------------------------------------------- top-p / top-k
+
+@pytest.mark.parametrize("extra, sent", [
+    ([], {"temperature": 0.0, "top_p": 1.0, "top_k": 1}),                 # greedy, as before
+    (["--temperature", "0.7", "--top-p", "0.9", "--top-k", "20"],
+     {"temperature": 0.7, "top_p": 0.9, "top_k": 20}),
+    (["--temperature", "1.0"], {"temperature": 1.0}),                      # off: left out
+])
+def test_top_p_top_k_arrive_in_sampling_params_and_are_recorded(tmp_path, capsys, extra, sent):
+    with FakeServer(["--port", "0", "--fake-latency-s", "0.01"]) as fake:
+        code, out, err = bench(common(tmp_path, concurrencies="1", base=1, max_new=8)
+                               + ["--base-url", fake.url, *extra], capsys)
+        assert code == 0, err
+        epochs = fake.state.stats()["epochs"]
+    assert epochs and all(ep["sampling"] == [sent] for ep in epochs), epochs
+    report = json.loads((tmp_path / "r.json").read_text())
+    settings = report["settings"]
+    assert (settings["top_p"], settings["top_k"]) == (sent.get("top_p", 1.0) if extra else 1.0,
+                                                      sent.get("top_k", 0) if extra else 0)
+    assert "| top_p |" in (tmp_path / "r.md").read_text()
+    header = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])
+    assert header["identity"]["top_p"] == settings["top_p"]
+
+
+def test_resume_of_a_log_from_before_top_p_top_k(tmp_path, capsys):
+    """A log whose identity has no top_p / top_k was recorded with them off."""
+    argv = common(tmp_path, concurrencies="1", base=1, max_new=8)
+    with FakeServer(["--port", "0", "--fake-latency-s", "0.01"]) as fake:
+        assert bench(argv + ["--base-url", fake.url], capsys)[0] == 0
+        log = tmp_path / "r.jsonl"
+        lines = log.read_text().splitlines()
+        header = json.loads(lines[0])
+        del header["identity"]["top_p"], header["identity"]["top_k"]
+        log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+        code, out, err = bench(argv + ["--base-url", fake.url, "--resume"], capsys)
+        assert code == 0, err
+        code, out, err = bench(argv + ["--base-url", fake.url, "--resume", "--temperature",
+                                       "0.5", "--top-k", "5"], capsys)
+    assert code == 2 and "top_k: 0 there, 5 now" in error_line(err)
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--top-p", "0"], "--top-p must be in (0, 1] (1 = off), got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k must be an integer >= 0 (0 = off), got -1"),
+    (["--temperature", "-0.5"], "--temperature must be >= 0"),
+])
+def test_bad_sampling_flags_before_any_server_starts(tmp_path, capsys, extra, expect):
+    code, out, err = bench(launch_args(tmp_path) + extra, capsys)
+    assert code == 2 and expect in error_line(err)
+    assert not (tmp_path / "pids").exists()

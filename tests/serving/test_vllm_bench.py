@@ -307,3 +307,26 @@ def test_per_request_time_limit_is_one_line(tmp_path, capsys):
     assert code == 1
     line = error_line(err)
     assert "first request failed" in line and "no answer within 0.5 s" in line
+
+
+# ----------------------------------------------------------------------------- top-p / top-k
+
+@pytest.mark.parametrize("engine, flavor, extra, sent", [
+    ("vllm", "vllm", [], {"temperature": 0.0, "top_p": 1.0, "top_k": 1}),
+    ("vllm", "vllm", ["--temperature", "0.6", "--top-p", "0.95", "--top-k", "40"],
+     {"temperature": 0.6, "top_p": 0.95, "top_k": 40}),
+    ("openai", "llamacpp", [], {"temperature": 0.0, "top_p": 1.0}),   # no top_k extension
+    ("openai", "llamacpp", ["--temperature", "0.6", "--top-p", "0.8", "--top-k", "7"],
+     {"temperature": 0.6, "top_p": 0.8, "top_k": 7}),
+    ("openai", "llamacpp", ["--temperature", "0.6", "--top-k", "0"], {"temperature": 0.6}),
+])
+def test_top_p_top_k_arrive_in_openai_requests(tmp_path, capsys, engine, flavor, extra, sent):
+    with FakeServer(["--port", "0", "--fake-latency-s", "0.01", "--fake-flavor", flavor]) as fake:
+        code, out, err = bench(common(tmp_path, concurrencies="1", base=1, max_new=8)
+                               + ["--engine", engine, "--base-url", fake.url, *extra], capsys)
+        assert code == 0, err
+        epochs = fake.state.stats()["epochs"]
+    assert epochs and all(ep["sampling"] == [sent] for ep in epochs), epochs
+    settings = json.loads((tmp_path / "r.json").read_text())["settings"]
+    assert settings["top_p"] == sent.get("top_p", 1.0) and settings["top_k"] == \
+        (sent.get("top_k", 0) if sent["temperature"] else 0)
