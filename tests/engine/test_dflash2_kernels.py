@@ -184,3 +184,55 @@ def test_dflash2_chain_layer_matches_unfused_math(monkeypatch, t):
     torch.testing.assert_close(kc.float(), ref_k, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(vc.float(), ref_v, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(out.float(), ref_h, atol=5e-2, rtol=5e-2)
+
+
+def _dflash2_pair():
+    from dflash.model.toy import make_random_draft, make_random_target
+
+    target = make_random_target(vocab_size=512, hidden_size=256, num_heads=4, num_kv_heads=2,
+                                num_layers=4, dtype=torch.bfloat16).to(DEVICE)
+    target.config.head_dim = 64
+    draft1 = make_random_draft(target, num_layers=2, dtype=torch.bfloat16).to(DEVICE)
+    draft = m2.dflash2_from_dflash1(draft1, conv_kernel_size=4, conv_group_size=64,
+                                    selector_rank=16, selector_top_k=8, noise=0.5)
+    return target, draft
+
+
+@needs_cuda
+def test_draft_engine_chain_matches_unfused_dflash2(monkeypatch):
+    """Graph-style DFlash 2 proposal step: the Triton chain (DFLASH_LAYER_KERNELS=1) against
+    the fused torch path (=0): final states and logits agree to bf16 rounding."""
+    import dflash.engine.cuda.layer as lk
+    from dflash.engine.draft import DraftEngine
+
+    target, draft = _dflash2_pair()
+    block = torch.randint(0, 500, (1, 8), device=DEVICE)
+    assert lk.dflash2_chain_supported(k2.chain_convs(draft),
+                                      torch.zeros(8, 256, device=DEVICE, dtype=torch.bfloat16))
+    eng = DraftEngine(draft, target.model.embed_tokens, target.lm_head, 128, fused=True)
+    n_f = len(draft.target_layer_ids)
+    feats = torch.randn(1, 40, n_f * 256, device=DEVICE, dtype=torch.bfloat16)
+    eng.append_context(feats, torch.arange(40, device=DEVICE))
+    pos = torch.arange(40, 48, device=DEVICE)
+    got = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("DFLASH_LAYER_KERNELS", flag)
+        got[flag] = eng._propose_states(block, pos, None)
+    (h1, l1), (h0, l0) = got["1"], got["0"]
+    assert h1 is not None and h1.shape == h0.shape
+    torch.testing.assert_close(h1.float(), h0.float(), atol=6e-2, rtol=6e-2)
+    torch.testing.assert_close(l1.float(), l0.float(), atol=6e-2, rtol=6e-2)
+
+
+@needs_cuda
+def test_fast_engine_dflash2_greedy_is_lossless():
+    """DFlash 2 on the fast engine (layer chain, fused cycle): greedy == AR, bitwise."""
+    from dflash.decoding.loop import SpeculativeDecoder
+
+    target, draft = _dflash2_pair()
+    ids = torch.randint(0, 500, (1, 24), device=DEVICE,
+                        generator=torch.Generator(DEVICE).manual_seed(0))
+    dec = SpeculativeDecoder(target, draft, engine="fast")
+    ar = dec.generate(ids, 48, block_size=1).output_ids
+    for b in (8, 5, 16):
+        assert dec.generate(ids, 48, block_size=b).output_ids == ar, b
