@@ -70,20 +70,24 @@ if triton is not None:
     def _walk_kernel(un_ptr, cand_ptr, hp_ptr, pred_ptr, succ_ptr, anchor_ptr, u_ptr, tok_ptr,
                      q_ptr, T, KC, R, temperature, s_un, s_cand, s_hp, s_pred, s_succ,
                      BK: tl.constexpr, BR: tl.constexpr, SAMPLE: tl.constexpr):
-        """The whole walk in one program: position after position, the previous choice's
-        predecessor row, the k candidates' successor rows, scores, argmax or inverse CDF."""
+        """The whole walk in one program, position after position. No load waits for the
+        previous choice: each step loads its k candidates' successor and predecessor rows,
+        and the choice picks the next step's predecessor row among the latter in registers."""
         kk = tl.arange(0, BK)
         rr = tl.arange(0, BR)
         kok = kk < KC
         rok = rr < R
+        tile_ok = kok[:, None] & rok[None, :]
         prev = tl.load(anchor_ptr).to(tl.int64)
+        pr = tl.load(pred_ptr + prev * s_pred + rr, mask=rok, other=0.0).to(tl.float32)
         for pos in range(T):
             un = tl.load(un_ptr + pos * s_un + kk, mask=kok, other=0.0).to(tl.float32)
             cd = tl.load(cand_ptr + pos * s_cand + kk, mask=kok, other=0).to(tl.int64)
             hp = tl.load(hp_ptr + pos * s_hp + rr, mask=rok, other=0.0).to(tl.float32)
-            pr = tl.load(pred_ptr + prev * s_pred + rr, mask=rok, other=0.0).to(tl.float32)
-            sc = tl.load(succ_ptr + cd[:, None] * s_succ + rr[None, :],
-                         mask=kok[:, None] & rok[None, :], other=0.0).to(tl.float32)
+            sc = tl.load(succ_ptr + cd[:, None] * s_succ + rr[None, :], mask=tile_ok,
+                         other=0.0).to(tl.float32)
+            nxt = tl.load(pred_ptr + cd[:, None] * s_pred + rr[None, :], mask=tile_ok,
+                          other=0.0).to(tl.float32)
             score = un + tl.sum(sc * (pr * hp)[None, :], axis=1)
             score = tl.where(kok, score, float("-inf"))
             if SAMPLE:
@@ -97,8 +101,9 @@ if triton is not None:
                 idx = tl.minimum(tl.sum(below, axis=0), KC - 1)
             else:
                 idx = tl.argmax(score, axis=0)  # ties: the first index, like torch.argmax
-            prev = tl.sum(tl.where(kk == idx, cd, 0), axis=0)
-            tl.store(tok_ptr + pos, prev)
+            pick = kk == idx
+            tl.store(tok_ptr + pos, tl.sum(tl.where(pick, cd, 0), axis=0))
+            pr = tl.sum(tl.where(pick[:, None], nxt, 0.0), axis=0)
 
     @triton.jit
     def _prepare_kernel(x_ptr, dp_ptr, b_ptr, y_ptr, ds_ptr, M, H, G, GS, NDYN,
