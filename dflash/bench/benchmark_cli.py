@@ -165,14 +165,15 @@ def main(argv=None) -> int:
     block_size = 1 if baseline_only else (args.block_size or pair.draft.block_size)
     torch.manual_seed(args.seed)
     config = run_config(args, pair.target_name, pair.draft_name, pair.dtype, block_size)
-    decoder = SpeculativeDecoder(pair.target, pair.draft, engine=args.engine)
+    engine, engine_text = runner.resolve_engine(args, pair)
+    decoder = SpeculativeDecoder(pair.target, pair.draft, engine=engine)
     return runner.run_sharded(
         args, dist, prompts, config, default_summary_path(args, block_size),
         run_one=lambda prompt: run_sample(decoder, pair, prompt, args, block_size),
         warm_up=lambda todo: warm_up(decoder, pair, todo, args, block_size),
         summarize=lambda records, status: {**build_summary(args, config, records, device, source,
                                                            dist.world, status),
-                                            "engine": runner.engine_line(decoder)},
+                                            "engine": engine_text},
         report=print_summary, progress=True)
 
 

@@ -349,7 +349,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     config = run_config(args, pair.target_name, pair.draft_name, pair.draft.block_size,
                         pair.dtype, candidates)
-    decoder = SpeculativeDecoder(pair.target, pair.draft, engine=args.engine)
+    engine, engine_text = runner.resolve_engine(args, pair)
+    decoder = SpeculativeDecoder(pair.target, pair.draft, engine=engine)
     policy = make_policy(args, candidates)
 
     def verbose_line(shard, i, prompt, rec):
@@ -368,7 +369,7 @@ def main(argv=None) -> int:
         warm_up=warm, on_record=verbose_line,
         summarize=lambda records, status: {**build_summary(args, config, records, candidates,
                                                            device, source, dist.world, status),
-                                            "engine": runner.engine_line(decoder)},
+                                            "engine": engine_text},
         report=lambda summary, path: print(format_summary(summary, path)))
 
 

@@ -101,7 +101,8 @@ def planned_config(args, sizes, device, model_name: str, draft_name: str) -> dic
 
 def _methods(args, pair, sizes, single_b):
     """(name -> (generate(input_ids, stops, generator, max_new), largest tau), the engine line)."""
-    spec = SpeculativeDecoder(pair.target, pair.draft, engine=args.engine)
+    engine, engine_text = runner.resolve_engine(args, pair)
+    spec = SpeculativeDecoder(pair.target, pair.draft, engine=engine)
     temp, filters = args.temperature, bench.sampling_kwargs(args)
     out = {
         "target_only": (lambda ids, stops, g, n: spec.generate(
@@ -112,11 +113,11 @@ def _methods(args, pair, sizes, single_b):
             **filters), single_b),
     }
     for mode in (["tree", "faithful"] if args.mode == "both" else [args.mode]):
-        dec = MultiRoundDecoder(pair.target, pair.draft, sizes, mode=mode, engine=args.engine)
+        dec = MultiRoundDecoder(pair.target, pair.draft, sizes, mode=mode, engine=engine)
         out[mode] = ((lambda d: lambda ids, stops, g, n: d.generate(
             ids, n, temperature=temp, stop_token_ids=stops, generator=g, **filters))(dec),
             max(sizes) if mode == "tree" else 1)
-    return out, runner.engine_line(spec)
+    return out, engine_text
 
 
 def _generate_turns(fn, pair, prompt, args, seed):

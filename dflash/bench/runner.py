@@ -83,6 +83,17 @@ def engine_line(decoder) -> str:
     return getattr(decoder.engines, "description", decoder.engine_name)
 
 
+def resolve_engine(args, pair) -> tuple[str, str]:
+    """(engine every decoder of the run gets, the line the summary calls it): ``--engine``
+    resolved once for the target's family. The decoders get the concrete name, so that a
+    fallback of ``auto`` (a family that needs another engine) is said once, in the summary,
+    not also by every decoder's Engines (once per decoder and rank) on stderr."""
+    from ..engine.select import choose_engine
+
+    device = pair.target.get_input_embeddings().weight.device
+    return choose_engine(args.engine, device, pair.target)
+
+
 @dataclass
 class Shard:
     """This rank's part of the run (for progress and verbose lines)."""

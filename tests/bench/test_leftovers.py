@@ -4,10 +4,12 @@
   torchrun's ChildFailedError traceback (through a wrapper; run directly, the one line and a
   non-zero exit), while a crash keeps torchrun's report;
 * SIGTERM to a wrapper exits 143, SIGINT 130 (with the summary of what finished);
-* ``python -m dflash.analyze ... | head`` ends quietly (no BrokenPipeError).
+* ``python -m dflash.analyze ... | head`` ends quietly (no BrokenPipeError);
+* (issue 21) ``--engine auto`` falling back for a target family says so once.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 from dflash.bench import launch
@@ -174,3 +177,48 @@ def test_analyze_into_head_ends_quietly(tmp_path):
     assert reader.stdout.decode().strip()
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     assert (tmp_path / "out" / "analysis.md").exists()
+
+
+@pytest.fixture(scope="module")
+def hf_family_pair(tmp_path_factory):
+    """A tiny Qwen3.5 (linear-attention layers) target with the toy tokenizer and a random
+    draft: ``--engine auto`` falls back to the hf engine for it on CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dflash.model.toy import make_random_draft, make_toy_tokenizer
+
+    folder = tmp_path_factory.mktemp("qwen3_5")
+    tok = make_toy_tokenizer()
+    cfg = AutoConfig.for_model(
+        "qwen3_5_text", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+        linear_value_head_dim=16, full_attention_interval=2, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    target = AutoModelForCausalLM.from_config(cfg).eval()
+    target.generation_config.eos_token_id = tok.eos_token_id
+    draft = make_random_draft(target, block_size=4,
+                              mask_token_id=tok.convert_tokens_to_ids("<|mask|>"), seed=1)
+    target.save_pretrained(folder / "target")
+    tok.save_pretrained(folder / "target")
+    draft.save_pretrained(folder / "draft")
+    return folder / "target", folder / "draft"
+
+
+def test_engine_fallback_is_said_once(hf_family_pair, tmp_path, capsys):
+    """auto on a family the default engine cannot run: the choice is one line of the
+    output (the summary's), not also Engines' own line per decoder."""
+    from dflash.bench import benchmark_cli
+
+    target, draft = hf_family_pair
+    argv = ["--dataset", "builtin-code", "--max-samples", "1", "--max-new-tokens", "4",
+            "--model-name-or-path", str(target), "--draft-name-or-path", str(draft),
+            "--block-size", "4", "--warmup-runs", "0", "--output-json", str(tmp_path / "s.json")]
+    assert benchmark_cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads((tmp_path / "s.json").read_text())
+    line = summary["engine"]
+    assert line.startswith("hf (qwen3_5_text: "), line
+    print(line)
+    assert (out + err).count(line) == 1, out + err
+    assert summary["config"]["engine"] == "auto"

@@ -176,3 +176,55 @@ def test_top_p_top_k_reach_every_generation_and_the_result(cli, toy_pair, tmp_pa
     assert isinstance(summary["engine"], str) and summary["engine"]
     header = json.loads((out / "r.jsonl").read_text().splitlines()[0])
     assert header["config"]["top_p"] == 0.9 and header["config"]["top_k"] == 5
+
+
+# ----------------------------------------------------------------------------- every CLI
+ENTRIES = ["benchmark.py", "benchmark_dynamic_schedule.py", "benchmark_multiround_spec.py",
+           "benchmark_sglang.py", "run_benchmark.sh", "run_block_sweep.sh"]
+# (flag, env var, bad value): what each entry is given; the one line names the option
+SAMPLING_BAD = [("--top-p", "TOP_P", "0"), ("--top-p", "TOP_P", "1.5"),
+                ("--top-k", "TOP_K", "-1"), ("--temperature", "TEMPERATURE", "-1")]
+
+
+@pytest.mark.parametrize("flag, var, bad", SAMPLING_BAD)
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_every_cli_refuses_bad_sampling_values_in_one_line(entry, flag, var, bad, toy_pair,
+                                                           tmp_path, capsys, monkeypatch):
+    """top_p outside (0, 1], top_k < 0, temperature < 0: one line naming the option, a
+    non-zero exit, before any model loads or server starts. The Transformers CLIs and
+    benchmark_sglang.py run in-process (their scripts only call run_cli(main)); the wrappers
+    as processes, with the variable set."""
+    monkeypatch.delenv("DFLASH_VERBOSE", raising=False)
+    if entry.endswith(".sh"):
+        from test_wrappers import wrapper
+        env = {"MODEL": "m", "DRAFT": "d", "NPROC": 1, var: bad, "LOG_DIR": tmp_path}
+        env.update({"DATASET": "aime25"} if entry == "run_block_sweep.sh"
+                   else {"TASKS": "aime25:2"})
+        res = wrapper(entry, env, timeout=60)
+        code, err, named = res.returncode, res.stderr, f"{var}='{bad}'"
+        assert not list(tmp_path.iterdir())   # nothing run, nothing written
+    else:
+        _forbid_model_loading(monkeypatch)
+        out = tmp_path / "out"
+        out.mkdir()
+        if entry == "benchmark_sglang.py":
+            from dflash.serving import sglang as serving
+            main = serving.main
+            argv = ["--base-url", "http://127.0.0.1:9", "--connect-wait-s", "0",
+                    "--no-chat-template", "--output-md", str(out / "r.md"), flag, bad]
+        else:
+            cli = {"benchmark.py": "benchmark", "benchmark_dynamic_schedule.py": "dynamic",
+                   "benchmark_multiround_spec.py": "multiround"}[entry]
+            main = MAINS[cli]
+            argv = _set(_cli_argv(cli, toy_pair, out), flag, bad)
+            if flag != "--temperature":
+                argv = _set(argv, "--temperature", "1.0")
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(main, argv)
+        code, err, named = exit_.value.code, capsys.readouterr().err, flag
+        assert list(out.iterdir()) == []
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code not in (0, None)
+    assert len(lines) == 1, lines
+    assert ": error: " in lines[0] and named in lines[0] and "must be" in lines[0], lines
