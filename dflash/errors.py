@@ -128,7 +128,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         if verbose:
             traceback.print_exc()
         print(f"{prog}: error: {err.one_line()}", file=sys.stderr)
-        if as_process:
+        if as_process and code not in (EXIT_SIGINT, EXIT_SIGTERM):  # a signal: torchrun's own
             end_torchrun_quietly()
     except BrokenPipeError:
         # The reader went away (``... | head``): what it wanted is printed; stop quietly.
