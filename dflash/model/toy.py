@@ -33,19 +33,37 @@ def make_random_target(vocab_size: int = 128, hidden_size: int = 64, num_layers:
     return model.to(dtype).eval()
 
 
+def _text_config(target):
+    """The text model's config (multimodal checkpoints nest it)."""
+    cfg = target.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _config_value(cfg, name: str):
+    """``cfg.name``, or where the config holds it per layer only (Gemma 4: sliding layers'
+    head_dim differs from full layers'), the first layer's value; None if absent."""
+    try:
+        return getattr(cfg, name, None)
+    except Exception:  # noqa: BLE001 - transformers' ambiguous per-layer attribute error
+        layers = getattr(cfg, "per_layer_config", None) or []
+        return getattr(layers[0], name, None) if len(layers) else None
+
+
 def make_random_draft(target, block_size: int = 16, num_layers: int = 2,
                       target_layer_ids: list[int] | None = None, mask_token_id: int | None = None,
                       seed: int = 1, dtype=torch.float32, cls: type = DFlashDraft) -> DFlashDraft:
     """A random draft that fits ``target``; ``cls``: the class to build (a DFlashDraft)."""
-    cfg = target.config
+    cfg = _text_config(target)
     n_target = cfg.num_hidden_layers
     ids = target_layer_ids or default_target_layer_ids(n_target, min(num_layers, n_target))
     ids = [min(max(i, 0), n_target - 1) for i in ids]
+    heads = _config_value(cfg, "num_attention_heads")
     draft_cfg = DraftConfig(
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=_config_value(cfg, "intermediate_size") or cfg.hidden_size * 3,
+        num_hidden_layers=num_layers, num_attention_heads=heads,
+        num_key_value_heads=_config_value(cfg, "num_key_value_heads") or heads,
+        head_dim=_config_value(cfg, "head_dim") or cfg.hidden_size // heads,
         vocab_size=cfg.vocab_size, block_size=block_size, num_target_layers=n_target,
         mask_token_id=cfg.vocab_size - 1 if mask_token_id is None else mask_token_id,
         target_layer_ids=ids, rope_theta=10000.0, dtype=str(dtype).replace("torch.", ""))
