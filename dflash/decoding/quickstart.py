@@ -2,7 +2,10 @@
 
 The network itself is ``dflash.model.draft.DFlashDraft``; this subclass adds the one method
 that needs the decoding loop, so the model layer never imports the layer above it.
-``DFlashDraftModel.from_pretrained`` returns an instance of this class.
+``DFlashDraftModel.from_pretrained`` returns an instance of this class, for DFlash 1 and
+DFlash 2 checkpoints alike: the config (``architectures: ["DFlash2DraftModel"]``) decides
+whether the network has the dynamic convolutions and the candidate selector
+(``draft.is_dflash2``), and ``spec_generate`` runs either.
 """
 from __future__ import annotations
 

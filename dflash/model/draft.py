@@ -480,6 +480,11 @@ class DFlashDraft(nn.Module):
         if not 0 <= cfg.mask_token_id < rows:
             problems.append(f"mask token id {cfg.mask_token_id} outside the target's "
                             f"embedding table ({rows} rows)")
+        head = target.get_output_embeddings()
+        if self.is_dflash2 and head is not None and \
+                head.weight.shape[0] > self.candidate_selector.successor_codebook.weight.shape[0]:
+            problems.append(f"selector codebooks of {cfg.vocab_size} rows for the target's "
+                            f"{head.weight.shape[0]}-token output head")
         if problems:
             raise UserError("the draft does not fit the target: " + "; ".join(problems),
                             "use the draft trained for this target")

@@ -17,7 +17,7 @@ from dflash.model.toy import make_random_draft, make_random_target
 def pair():
     target = make_random_target(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2,
                                 num_kv_heads=1, seed=2)
-    d1 = make_random_draft(target, block_size=6, num_layers=2, seed=3)
+    d1 = make_random_draft(target, block_size=6, num_layers=2, seed=3, cls=DFlashDraftModel)
     return target, dflash2_from_dflash1(d1, conv_kernel_size=3, conv_group_size=8,
                                         selector_rank=4, selector_top_k=5, seed=1, noise=0.5)
 
@@ -157,3 +157,19 @@ def test_dflash2_checkpoint_runs_in_benchmark_cli(tmp_path):
     assert "Traceback" not in res.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary, summary
+
+
+def test_spec_generate_and_fit_checks(pair):
+    """spec_generate with a DFlash 2 draft equals the target's greedy output; a target whose
+    output head is larger than the selector's codebooks is refused in one line."""
+    target, d2 = pair
+    ids = torch.tensor([[3, 9, 4, 17, 5]])
+    want = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                           do_sample=False, pad_token_id=0)
+    assert isinstance(d2, DFlashDraftModel)  # the converter keeps the draft's class
+    assert torch.equal(d2.spec_generate(target, ids, 12, None), want)
+    big = make_random_target(vocab_size=80, hidden_size=32, num_layers=3, num_heads=2,
+                             num_kv_heads=1, seed=2)
+    with pytest.raises(UserError, match="selector codebooks of 64 rows") as err:
+        d2.check_target(big)
+    assert "\n" not in str(err.value)
