@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..model.draft import DFlashDraft, kind_mask
 from ..model.ops import rms_norm, rope, rope_cos_sin
-from .cuda.dflash2 import dynamic_conv, select_walk
+from .cuda.dflash2 import chain_convs, dynamic_conv, select_walk
 from .cuda.kernels import attention_supported, decode_attention, linear
-from .cuda.layer import fused_layers, layer_kernels_enabled, layer_supported
+from .cuda.layer import dflash2_chain_supported, fused_layers, layer_kernels_enabled, layer_supported
 from .graphs import FusedLayer, GraphCache, draft_context_kv, maybe_compile, post_attention, pre_attention
 
 
@@ -168,16 +168,19 @@ class DraftEngine:
         lim = positions[-1:].expand(t).contiguous() if kv_len is None else None
         # Decode-sized graph steps: the whole layer in Triton kernels (dflash/layer_kernels.py),
         # for full-attention drafts (its attention has one limit per query, no window).
+        # DFlash 2: the chain with each layer's dynamic convs (None for DFlash 1).
+        convs = chain_convs(self.draft)
         if (self.fused and lim is not None and self.draft.full_attention
-                and not self.draft.is_dflash2 and layer_kernels_enabled()
+                and (convs is None or dflash2_chain_supported(convs, h[0]))
+                and layer_kernels_enabled()
                 and layer_supported(self.fused_layers[0], h[0], self.k_cache[0], self.cos)):
             x, _ = fused_layers(h[0], self.fused_layers, self.draft.norm.weight, positions, lim,
                                 self.k_cache, self.v_cache, self.cos, self.sin,
                                 n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim,
-                                eps=self.eps)
-            logits = linear(x[1:].to(self.lm_head.weight.dtype), self.lm_head.weight,
-                            self.lm_head.bias)[None]
-            return None, self.draft.finish_logits(logits)
+                                eps=self.eps, convs=convs)
+            x = x[1:].to(self.lm_head.weight.dtype)
+            logits = linear(x, self.lm_head.weight, self.lm_head.bias)[None]
+            return (None if convs is None else x[None]), self.draft.finish_logits(logits)
         cos, sin = self.cos[positions], self.sin[positions]
         masks = self._layer_masks(positions, kv_len)
         if kv_len is None:  # positional mask over the whole buffer
