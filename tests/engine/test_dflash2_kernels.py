@@ -220,8 +220,8 @@ def test_draft_engine_chain_matches_unfused_dflash2(monkeypatch):
         got[flag] = eng._propose_states(block, pos, None)
     (h1, l1), (h0, l0) = got["1"], got["0"]
     assert h1 is not None and h1.shape == h0.shape
-    torch.testing.assert_close(h1.float(), h0.float(), atol=6e-2, rtol=6e-2)
-    torch.testing.assert_close(l1.float(), l0.float(), atol=6e-2, rtol=6e-2)
+    for a, b in ((h1, h0), (l1, l0)):  # two bf16 layers + head: errors relative to the scale
+        assert (a.float() - b.float()).abs().max() <= 5e-2 * b.float().abs().max()
 
 
 @needs_cuda
