@@ -304,6 +304,8 @@ def main(argv=None) -> int:
 
     env = environment_info(device)
     bw = copy_bandwidth(device, 2.0 if device.type == "cuda" else 0.02)
+    if device.type == "cuda":  # give the copy buffers back before sizing what fits
+        torch.cuda.empty_cache()
     print(f"device {env['gpu_name']}, torch {env['torch_version']}, transformers "
           f"{env['transformers_version']}; copy {bw / 1e12:.3f} TB/s (read+write)", flush=True)
     rows = []
