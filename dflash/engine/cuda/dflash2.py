@@ -242,10 +242,18 @@ class ChainConv:
     """One dynamic conv's weights for the chain: kernel projection [2*K*G, H], base [2, K, H]."""
 
     def __init__(self, conv):
-        self.base = conv.base_kernel.detach()
-        self.wkp = conv.kernel_projection.weight.detach()
-        self.k, self.hidden = self.base.shape[1], self.base.shape[2]
-        self.groups = self.wkp.shape[0] // (2 * self.k)
+        self.conv = conv
+        self.k, self.hidden = conv.base_kernel.shape[1], conv.base_kernel.shape[2]
+        self.groups = conv.kernel_projection.weight.shape[0] // (2 * self.k)
+
+    # read at each use: a later .to() swaps the parameters' data
+    @property
+    def base(self) -> torch.Tensor:
+        return self.conv.base_kernel.detach()
+
+    @property
+    def wkp(self) -> torch.Tensor:
+        return self.conv.kernel_projection.weight.detach()
 
 
 _CONVS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
