@@ -18,6 +18,11 @@ folding the small steps into the kernels around it:
 Every row's arithmetic is independent of the other rows (16-row M tile, per-row norms, GEMM
 configs by (N, K) only), so a token rounds the same in an AR step and in a verified block.
 On Hopper the kernels use programmatic dependent launch (``kernels.use_pdl``).
+
+A DFlash 2 draft layer (``fused_layers(convs=...)``) adds its two dynamic convs: after each
+norm, the kernel projection GEMM and the "prepare" conv (2 launches each); the "finish" convs
+are folded into the two residual/norm kernels, so 13 launches instead of 9. DFlash 1 layers
+run exactly the kernels above.
 """
 from __future__ import annotations
 
