@@ -16,7 +16,7 @@ SUMMARY="$OUT/summary.txt"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-git log -1 --format='commit %H %cd' | tee -a "$OUT/gpu.txt"
+git log -1 --format="commit %H %cd" 2>/dev/null | tee -a "$OUT/gpu.txt"
 run() {  # name, timeout, command...
   local name=$1 limit=$2; shift 2
   echo "== $name: $*"
