@@ -8,7 +8,7 @@ from conftest import EMBEDDED
 from dflash.decoding.loop import SpeculativeDecoder
 from dflash.model.toy import make_random_draft, make_random_target
 
-from test_lossless import MAX_NEW, prompts, reference
+from tests.decoding.test_lossless import MAX_NEW, prompts, reference
 
 SIZES = (4, 8, 12)
 
