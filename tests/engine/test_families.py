@@ -16,7 +16,8 @@ from dflash.errors import UserError
 EXPECTED = {
     "qwen3_sliding": ("static", "fast"), "qwen3_moe": ("static", "static"),
     "llama3_rope": ("static", "fast"), "qwen3_5": ("hf", "hf"), "qwen3_5_moe": ("hf", "hf"),
-    "qwen3_next": ("hf", "hf"), "gemma4": ("hf", "hf"), "gpt_oss": ("static", "static"),
+    "qwen3_next": ("hf", "hf"), "gemma4": ("hf", "hf"),
+    "gemma4_moe": ("hf", "hf"), "gpt_oss": ("static", "static"),
 }
 _cache = {}
 
