@@ -137,6 +137,8 @@ def fit_layers(family: str, device, want: int | None, headroom: float = 0.8) -> 
     """(layers to build, layers of the real shape): all of them unless the weights would not
     fit in ``headroom`` of the free device memory (counted on the meta device)."""
     full = FAMILIES[family][2]["num_hidden_layers"]
+    if want is not None and want > full:
+        raise UserError(f"--layers {want}: {family} ({FAMILIES[family][1]}) has {full} layers")
     if want is not None or device.type != "cuda":
         return (want or full), full
     meta = _build(family_config(family, False, None), "meta", torch.bfloat16)
@@ -289,7 +291,9 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("python -m dflash.bench.families needs a CUDA GPU",
                         "run it on a GPU machine, or --tiny (CPU)")
-    small = args.tiny or device.type == "cpu"
+    if device.type == "cpu" and not args.tiny:  # 20-60 GB of float32 weights: not on a CPU
+        raise UserError("the real family shapes need a CUDA GPU", "use --tiny on CPU")
+    small = args.tiny
     for name, tiny_value, value in (("context", 32, 512), ("iters", 3, 20), ("loop_tokens", 8, 32)):
         if getattr(args, name) is None:
             setattr(args, name, tiny_value if small else value)

@@ -52,6 +52,7 @@ def test_tiny_families_end_to_end(tmp_path, capsys):
     (["--tiny", "--layers", "1"], "--layers must be >= 2"),
     (["--tiny", "--iters", "0"], "--iters must be >= 1"),
     (["--tiny", "--context", "8"], "--context must be >= 16"),
+    (["--device", "cpu"], "the real family shapes need a CUDA GPU"),
 ])
 def test_bad_input_is_one_line(argv, needle, capsys):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):
