@@ -278,6 +278,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=64, help="prompt of the greedy check")
     p.add_argument("--check-tokens", type=int, default=32, help="tokens of the greedy check")
     p.add_argument("--json", default=None, help="write the rows here (a list of records)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                   help="weights (default: bfloat16 on CUDA, float32 on CPU); float32 makes the "
+                        "greedy check free of bf16 near-ties (pass --layers to fit)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     families = [f.strip() for f in args.family.split(",") if f.strip()]
@@ -302,7 +305,8 @@ def main(argv=None) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.context < BLOCK:  # the draft step is timed on features of that many positions
         raise UserError(f"--context must be >= {BLOCK}, got {args.context}")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else \
+        (torch.bfloat16 if device.type == "cuda" else torch.float32)
     from .common import environment_info
     from .perf import copy_bandwidth
 
