@@ -56,22 +56,15 @@ def greedy_reference(target, ids, n):
 
 
 def make_family_draft(target, block_size: int = 16, seed: int = 1, cls=None):
-    """A random DFlash draft for a family target (sizes from COMMON: some families' configs
-    only have per-layer head_dim / KV heads)."""
-    from dflash.model.draft import DFlashDraft, DraftConfig
+    """A random DFlash draft for a family target, sized from its config (toy.make_random_draft:
+    per-layer-only head_dim / KV heads read from the layers); features of layers 1 and n-1."""
+    from dflash.model.draft import DFlashDraft
+    from dflash.model.toy import make_random_draft
 
-    n = COMMON["num_hidden_layers"]
-    cfg = DraftConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
-                      block_size=block_size, num_target_layers=n, mask_token_id=127,
-                      target_layer_ids=[1, n - 1], rope_theta=10000.0, dtype="float64")
-    torch.manual_seed(seed)
-    draft = (cls or DFlashDraft)(cfg)
-    with torch.no_grad():
-        for p in draft.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-    return draft.to(torch.float64).eval()
+    n = target.config.get_text_config().num_hidden_layers
+    return make_random_draft(target, block_size=block_size, target_layer_ids=[1, n - 1],
+                             mask_token_id=target.config.get_text_config().vocab_size - 1,
+                             seed=seed, dtype=torch.float64, cls=cls or DFlashDraft)
 
 
 def family_prompts(n: int = 20, seed: int = 11, lengths=(5, 7, 9, 12, 15, 19)):
@@ -132,7 +125,7 @@ def train_family_draft(target, sequences, prompt_lens, *, block_size: int = 16,
 
 
 _PAIRS = {}
-N_NEW = 24
+N_NEW = 16
 
 
 def family_case(family):
