@@ -247,14 +247,18 @@ def main(argv=None) -> int:
     ap.add_argument("--selector-rank", type=int, default=32)
     ap.add_argument("--selector-top-k", type=int, default=8)
     ap.add_argument("--steps", type=int, default=100000)
-    ap.add_argument("--time-budget", type=float, default=720.0, help="seconds of training")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--time-budget", type=float, default=660.0, help="seconds of training")
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--anchors", type=int, default=16)
     ap.add_argument("--lr-new", type=float, default=2e-3)
+    ap.add_argument("--lr-conv", type=float, default=None, help="default: --lr-new")
     ap.add_argument("--lr-body", type=float, default=2e-4)
     ap.add_argument("--selector-weight", type=float, default=1.0)
+    ap.add_argument("--zero-projection", action=argparse.BooleanOptionalAction, default=True,
+                    help="start the selector's hidden_projection at 0 (default on)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    # 1: on a busy 2-core machine two OpenMP threads per process ran a step ~7x slower
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -283,12 +287,18 @@ def main(argv=None) -> int:
                                     selector_rank=args.selector_rank,
                                     selector_top_k=args.selector_top_k, seed=args.seed)
     draft = draft.float()
+    if args.zero_projection:
+        # the walk starts as the draft's own argmax (score = unary): training starts from no
+        # harm; the codebooks stay random so the projection still gets a gradient
+        with torch.no_grad():
+            draft.candidate_selector.hidden_projection.weight.zero_()
     log(f"init: {args.init} -> DFlash 2 ({sum(p.numel() for p in draft.parameters()):,} params); "
         f"{len(train['sequences'])} train / {n_held} held-out sequences")
     before = evaluate_losses(target, draft, held)
     log(f"held-out before: {before}")
     info = train_dflash2(target, draft, train, steps=args.steps, batch=args.batch,
                          anchors=args.anchors, lr_new=args.lr_new, lr_body=args.lr_body,
+                         lr_conv=args.lr_conv,
                          selector_weight=args.selector_weight, seed=args.seed,
                          time_budget=args.time_budget, log=log)
     save_draft(draft, out)
