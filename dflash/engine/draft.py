@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..model.draft import DFlashDraft, kind_mask
 from ..model.ops import rms_norm, rope, rope_cos_sin
-from .cuda.dflash2 import chain_convs, dynamic_conv, select_walk
+from .cuda.dflash2 import chain_convs, dynamic_conv, select_walk, topk
 from .cuda.kernels import attention_supported, decode_attention, linear
 from .cuda.layer import dflash2_chain_supported, fused_layers, layer_kernels_enabled, layer_supported
 from .graphs import FusedLayer, GraphCache, draft_context_kv, maybe_compile, post_attention, pre_attention
@@ -96,7 +96,8 @@ class DraftEngine:
         if self.selector is None:
             return self._propose_logits(block_ids, positions, kv_len)[0].argmax(dim=-1)
         h, logits = self._propose_states(block_ids, positions, kv_len)
-        return self.selector.propose(h[0], logits[0], block_ids[0, :1], 0.0, walk=select_walk)[0]
+        return self.selector.propose(h[0], logits[0], block_ids[0, :1], 0.0, walk=select_walk,
+                                     topk=topk)[0]
 
     def propose_tokens(self, block_ids: torch.Tensor, positions: torch.Tensor,
                        kv_len: int | None = None, temperature: float = 0.0, generator=None,
@@ -120,7 +121,7 @@ class DraftEngine:
         else:
             h, logits = self._propose_states(block_ids, positions, kv_len)
         tokens, cand, q = self.selector.propose(h[0], logits[0], block_ids[0, :1], temperature,
-                                                generator=generator, walk=select_walk)
+                                                generator=generator, walk=select_walk, topk=topk)
         return tokens, q, cand
 
     def _append_context(self, features: torch.Tensor, positions: torch.Tensor):

@@ -108,16 +108,20 @@ class CandidateSelector(nn.Module):
         self.predecessor_codebook = nn.Embedding(vocab_size, rank)
         self.successor_codebook = nn.Embedding(vocab_size, rank)
 
-    def candidates(self, logits: torch.Tensor):
-        """Draft logits [t, V] -> (unary [t, k] float32, candidate ids [t, k]), best first."""
+    def candidates(self, logits: torch.Tensor, topk=None):
+        """Draft logits [t, V] -> (unary [t, k] float32, candidate ids [t, k]), best first.
+        ``topk(logits, k)`` -> (values float32, ids int64) may replace torch.topk (a kernel)."""
+        if topk is not None:
+            return topk(logits, self.top_k)
         unary, cand = torch.topk(logits, self.top_k, dim=-1)
         return unary.float(), cand
 
     def propose(self, hidden: torch.Tensor, logits: torch.Tensor, anchor: torch.Tensor,
-                temperature: float, uniforms=None, generator=None, walk=select_walk):
+                temperature: float, uniforms=None, generator=None, walk=select_walk,
+                topk=None):
         """hidden [t, H] (final-normed block states past the anchor), logits [t, V] ->
         (tokens [t], candidate ids [t, k], q [t, k] or None when greedy)."""
-        unary, cand = self.candidates(logits)
+        unary, cand = self.candidates(logits, topk=topk)
         hproj = self.hidden_projection(hidden)
         tokens, q = walk(unary, cand, hproj, self.predecessor_codebook.weight,
                          self.successor_codebook.weight, anchor, temperature,

@@ -101,32 +101,33 @@ def test_select_walk_16bit_tables_computes_in_float32():
             torch.testing.assert_close(q, ref_q, rtol=1e-5, atol=1e-7)
 
 
-def _reference_dflash2_layer(layer, convs, h, pos, lim, kc, vc, cos, sin, n_heads, n_kv, d, eps):
-    """The DFlash 2 layer's math in float32 from the modules (prepare, attention, finish,
-    residual; the same around the MLP)."""
+def _reference_dflash2_layer(layer, convs, h, pos, lim, kc, vc, cos, sin, n_heads, n_kv, d, eps,
+                             dtype=torch.float32):
+    """The DFlash 2 layer's math from the modules (prepare, attention, finish, residual; the
+    same around the MLP), in float32 or, rounding between steps, in the 16-bit ``dtype``."""
     from dflash.model.ops import rms_norm, rope
 
-    f = {n: p.detach().float() for n, p in layer.named_parameters()}
+    f = {n: p.detach().to(dtype) for n, p in layer.named_parameters()}
     t = h.shape[0]
 
     def conv(i, x, which, taps=None):
-        base = convs[i].base_kernel.detach().float()
+        base = convs[i].base_kernel.detach().to(dtype)
         if taps is None:
             kk, g = base.shape[1], convs[i].kernel_projection.weight.shape[0] // (2 * base.shape[1])
-            taps = (x @ convs[i].kernel_projection.weight.detach().float().T).view(t, 2, kk, g)
+            taps = (x @ convs[i].kernel_projection.weight.detach().to(dtype).T).view(t, 2, kk, g)
         return m2.grouped_dynamic_conv(x, taps[:, which], base[which]), taps
 
-    h = h.float()
+    h = h.to(dtype)
     x, taps = conv(0, rms_norm(h, f["input_layernorm.weight"], eps), 0)
     q = (x @ f["self_attn.q_proj.weight"].T).view(t, n_heads, d)
     k = (x @ f["self_attn.k_proj.weight"].T).view(t, n_kv, d)
     v = (x @ f["self_attn.v_proj.weight"].T).view(t, n_kv, d)
     q = rms_norm(q, f["self_attn.q_norm.weight"], eps).transpose(0, 1)[None]
     k = rms_norm(k, f["self_attn.k_norm.weight"], eps).transpose(0, 1)[None]
-    c, s = cos[pos].float()[None, None], sin[pos].float()[None, None]
+    c, s = cos[pos].to(dtype)[None, None], sin[pos].to(dtype)[None, None]
     q, k = rope(q, c, s), rope(k, c, s)
-    kc = kc.float().index_copy(2, pos, k)
-    vc = vc.float().index_copy(2, pos, v.transpose(0, 1)[None])
+    kc = kc.to(dtype).index_copy(2, pos, k)
+    vc = vc.to(dtype).index_copy(2, pos, v.transpose(0, 1)[None])
     slots = torch.arange(kc.shape[2], device=h.device)
     mask = (slots[None, :] <= lim[:, None])[None, None]
     out = torch.nn.functional.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
@@ -178,12 +179,21 @@ def test_dflash2_chain_layer_matches_unfused_math(monkeypatch, t):
     cos, sin = cos[0].contiguous(), sin[0].contiguous()
     ref_h, ref_k, ref_v = _reference_dflash2_layer(layer, convs, h, pos, lim, kc, vc, cos, sin,
                                                    n_heads, n_kv, d, eps)
+    low_h = _reference_dflash2_layer(layer, convs, h, pos, lim, kc, vc, cos, sin, n_heads, n_kv,
+                                     d, eps, dtype=HALF)[0].float()
     _, x1 = lk.residual_norm(h, None, fl.ln1, eps)
     out, _ = lk.fused_layer(h, x1, fl, fl.ln1, pos, lim, kc, vc, cos, sin, n_heads=n_heads,
                             n_kv=n_kv, head_dim=d, eps=eps, conv=pair)
     torch.testing.assert_close(kc.float(), ref_k, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(vc.float(), ref_v, atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(out.float(), ref_h, atol=5e-2, rtol=5e-2)
+    # bf16 rounding, not a bug: on the H200 a few of 2048 outputs land 0.08-0.11 off the float32
+    # math, as far as the same unfused math run in 16 bits lands. Bound the chain's error by a
+    # multiple of that error (plus a small eps), elementwise-loose and in the max.
+    err, own = (out.float() - ref_h).abs(), (low_h - ref_h).abs()
+    assert err.max() <= 2 * own.max() + 1e-2, (err.max(), own.max())
+    beyond = (err > 5e-2 + 5e-2 * ref_h.abs()).float().mean()
+    own_beyond = (own > 5e-2 + 5e-2 * ref_h.abs()).float().mean()
+    assert beyond <= 2 * own_beyond + 0.01, (beyond, own_beyond)  # at most ~1% beyond 5e-2
 
 
 def _dflash2_pair():
@@ -236,3 +246,50 @@ def test_fast_engine_dflash2_greedy_is_lossless():
     ar = dec.generate(ids, 48, block_size=1).output_ids
     for b in (8, 5, 16):
         assert dec.generate(ids, 48, block_size=b).output_ids == ar, b
+
+
+def _check_topk(x, k):
+    """values == torch.topk's (as float32); ids a valid top-k set (distinct, in range, holding
+    those values: any tied id at the boundary is fine)."""
+    v, i = k2.topk(x, k)
+    assert v.dtype == torch.float32 and i.dtype == torch.int64 and v.shape == i.shape == (len(x), k)
+    assert torch.equal(v, torch.topk(x, k).values.float())
+    assert ((i >= 0) & (i < x.shape[1])).all()
+    assert torch.equal(x.gather(1, i).float(), v)
+    assert all(len(set(row.tolist())) == k for row in i.cpu())
+
+
+def _topk_logits(t, vocab, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(t, vocab, generator=g) * 3).round()  # integers: many ties, also at the k-th
+    x[0, : vocab // 2] = float("-inf")
+    x[1] = float("-inf")  # a row of -inf but for one entry: k-1 of its top k are -inf
+    x[1, vocab // 3] = 1.0
+    return x.to(DEVICE, dtype)
+
+
+def test_topk_fallback_is_torch_topk():
+    x = torch.randn(3, 50)
+    v, i = k2.topk(x, 8) if not KERNELS or CUDA else k2.torch_topk(x, 8)
+    ref = torch.topk(x, 8)
+    assert v.dtype == torch.float32 and torch.equal(v, ref.values) and torch.equal(i, ref.indices)
+    assert not k2.topk_supported(x.to(DEVICE), 33)  # k past the kernel's: torch.topk
+    _check_topk(x.to(DEVICE), 40)
+
+
+@needs_kernels
+@pytest.mark.parametrize("k,vocab", [(1, 4099), (8, 9000), (32, 300), (32, 6000)])
+def test_topk_kernel_matches_torch(k, vocab):
+    """Vocab not a multiple of the 4096 chunk (and under one chunk); ties and -inf rows."""
+    assert k2.topk_supported(_topk_logits(3, vocab, 0, torch.float32), k)
+    for seed, dtype in ((0, torch.float32), (1, HALF)):
+        _check_topk(_topk_logits(3, vocab, seed, dtype), k)
+
+
+@needs_cuda
+def test_topk_kernel_qwen3_vocab_bf16():
+    """The selector's shape: [15, 151936] bf16 logits, k = 8 (plus a strided row view)."""
+    g = torch.Generator(DEVICE).manual_seed(0)
+    x = torch.randn(1, 15, 151936, device=DEVICE, generator=g).to(torch.bfloat16) * 4
+    _check_topk(x[0], 8)
+    _check_topk(x[0, ::2], 8)

@@ -323,3 +323,83 @@ def conv_finish_residual_norm(residual, partials, taps, cc: ChainConv, gamma, ep
         SPLIT=partials.shape[0], K=cc.k, G_P2=_p2(cc.groups), GS_P2=_p2(gs), PDL=pdl,
         num_warps=8, **pdl_opts(pdl))
     return h, xn
+
+
+# ----------------------------------------------------------------------------- selector top-k
+# torch.topk over [15, 151936] runs ~9 kernels (radix select + sort, ~55 us on an H200); two
+# Triton launches do it: per (row, chunk) k rounds of max, then one program per row merging.
+TOPK_MAX_K = 32
+TOPK_CHUNK = 4096
+
+
+if triton is not None:
+    @triton.jit
+    def _topk_chunk_kernel(x_ptr, val_ptr, id_ptr, V, s_row, NCH,
+                           K: tl.constexpr, BLOCK: tl.constexpr):
+        """Top K of one chunk of one row: K rounds of (max, lowest column holding it).
+        Taken or padded columns carry id V (never valid), so -inf logits still count."""
+        row = tl.program_id(0)
+        ch = tl.program_id(1)
+        col = ch * BLOCK + tl.arange(0, BLOCK)
+        ok = col < V
+        x = tl.load(x_ptr + row * s_row + col, mask=ok, other=float("-inf")).to(tl.float32)
+        ids = tl.where(ok, col, V)
+        out = (row * NCH + ch) * K
+        for r in tl.static_range(K):
+            m = tl.max(x, axis=0)
+            sel = tl.min(tl.where((ids < V) & (x == m), ids, V), axis=0)
+            tl.store(val_ptr + out + r, m)
+            tl.store(id_ptr + out + r, sel)
+            taken = ids == sel
+            x = tl.where(taken, float("-inf"), x)
+            ids = tl.where(taken, V, ids)
+
+    @triton.jit
+    def _topk_merge_kernel(val_ptr, id_ptr, ov_ptr, oi_ptr, V, N, K: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        """One row: the top K of its chunks' N = NCH*K winners, best first (ties: lowest id)."""
+        row = tl.program_id(0)
+        j = tl.arange(0, BLOCK)
+        ok = j < N
+        x = tl.load(val_ptr + row * N + j, mask=ok, other=float("-inf"))
+        ids = tl.load(id_ptr + row * N + j, mask=ok, other=V)
+        for r in tl.static_range(K):
+            m = tl.max(x, axis=0)
+            sel = tl.min(tl.where((ids < V) & (x == m), ids, V), axis=0)
+            tl.store(ov_ptr + row * K + r, m)
+            tl.store(oi_ptr + row * K + r, sel.to(tl.int64))
+            taken = ids == sel
+            x = tl.where(taken, float("-inf"), x)
+            ids = tl.where(taken, V, ids)
+
+
+def torch_topk(logits: torch.Tensor, k: int):
+    """The selector's candidates with torch: (values float32 [t, k], ids int64 [t, k])."""
+    values, ids = torch.topk(logits, k, dim=-1)
+    return values.float(), ids
+
+
+def topk_supported(logits: torch.Tensor, k: int) -> bool:
+    return (logits.dim() == 2 and 1 <= k <= TOPK_MAX_K and k <= logits.shape[1] < 2 ** 31 - 1
+            and logits.stride(-1) == 1 and logits.shape[0] >= 1 and _on_device(logits))
+
+
+def topk(logits: torch.Tensor, k: int):
+    """Rows of logits [t, V] -> (values float32 [t, k], ids int64 [t, k]), descending; values
+    are the logits' own, ties at the boundary go to the lowest column. Two launches, no host
+    sync (graph-capturable); torch.topk where the kernels do not run."""
+    if not topk_supported(logits, k):
+        return torch_topk(logits, k)
+    t, vocab = logits.shape
+    chunk = min(TOPK_CHUNK, _p2(vocab))
+    nch = triton.cdiv(vocab, chunk)
+    vals = torch.empty((t, nch * k), device=logits.device, dtype=torch.float32)
+    ids = torch.empty((t, nch * k), device=logits.device, dtype=torch.int32)
+    _topk_chunk_kernel[(t, nch)](logits, vals, ids, vocab, logits.stride(0), nch, K=k,
+                                 BLOCK=chunk, num_warps=8 if chunk >= 4096 else 4)
+    out_v = torch.empty((t, k), device=logits.device, dtype=torch.float32)
+    out_i = torch.empty((t, k), device=logits.device, dtype=torch.int64)
+    n = nch * k
+    _topk_merge_kernel[(t,)](vals, ids, out_v, out_i, vocab, n, K=k, BLOCK=max(16, _p2(n)),
+                             num_warps=4)
+    return out_v, out_i
