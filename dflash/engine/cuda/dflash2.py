@@ -44,16 +44,22 @@ if triton is not None:
     from .kernels import _skinny_kernel, pdl_enter
 
     @triton.jit
+    def _group_tile(G, GS, G_P2: tl.constexpr, GS_P2: tl.constexpr):
+        """The channels of one row as a [group, channel-in-group] tile: (group index [G_P2, 1],
+        channel index, group mask, channel mask)."""
+        g = tl.arange(0, G_P2)[:, None]
+        j = tl.arange(0, GS_P2)[None, :]
+        gok = g < G
+        return g, g * GS + j, gok, gok & (j < GS)
+
+    @triton.jit
     def _dyn_conv_kernel(x_ptr, d_ptr, b_ptr, y_ptr, T, H, G, GS, sx_b, sx_t, sd_b, sd_t, sd_o,
                          K: tl.constexpr, G_P2: tl.constexpr, GS_P2: tl.constexpr):
         """One output row (batch, t): channels as a [group, channel-in-group] tile."""
         row = tl.program_id(0)
         bi = row // T
         t = row % T
-        g = tl.arange(0, G_P2)[:, None]
-        j = tl.arange(0, GS_P2)[None, :]
-        c = g * GS + j
-        ok = (g < G) & (j < GS)
+        g, c, _, ok = _group_tile(G, GS, G_P2, GS_P2)
         acc = tl.zeros((G_P2, GS_P2), tl.float32)
         for o in tl.static_range(K):
             live = (g * 0 + t) >= o  # a tensor: the interpreter masks with tensors only
@@ -114,11 +120,7 @@ if triton is not None:
         [M, K, G]) for the finish."""
         pdl_enter(PDL)
         t = tl.program_id(0)
-        g = tl.arange(0, G_P2)[:, None]
-        j = tl.arange(0, GS_P2)[None, :]
-        c = g * GS + j
-        gok = g < G
-        ok = gok & (j < GS)
+        g, c, gok, ok = _group_tile(G, GS, G_P2, GS_P2)
         acc = tl.zeros((G_P2, GS_P2), tl.float32)
         for o in tl.static_range(K):
             d0 = tl.zeros((G_P2, 1), tl.float32)
@@ -144,11 +146,7 @@ if triton is not None:
         convolved with base[1] + dyn[t, 1], added to the residual; xn = RMSNorm(h) * gamma."""
         pdl_enter(PDL)
         t = tl.program_id(0)
-        g = tl.arange(0, G_P2)[:, None]
-        j = tl.arange(0, GS_P2)[None, :]
-        c = g * GS + j
-        gok = g < G
-        ok = gok & (j < GS)
+        g, c, gok, ok = _group_tile(G, GS, G_P2, GS_P2)
         y = tl.zeros((G_P2, GS_P2), tl.float32)
         for o in tl.static_range(K):
             live = (g * 0 + t) >= o  # a tensor: the interpreter masks with tensors only
