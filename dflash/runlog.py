@@ -247,13 +247,7 @@ class RunLog:
             for r in records:
                 if r.get("type") != "sample" or "id" not in r:
                     continue
-                r = {k: v for k, v in r.items() if k != "type"}
-                if "error" in r:
-                    self.failed[r["id"]] = r
-                    self.done.pop(r["id"], None)
-                else:
-                    self.done[r["id"]] = r
-                    self.failed.pop(r["id"], None)
+                self._note({k: v for k, v in r.items() if k != "type"})
             if writer:
                 self._terminate_partial_line()
             write_header = header is None and writer
@@ -293,6 +287,10 @@ class RunLog:
     def add(self, record: dict) -> None:
         """Append one finished (or failed) unit; it is on disk when this returns."""
         self._append({"type": "sample", **record})
+        self._note(record)
+
+    def _note(self, record: dict) -> None:
+        """A unit's latest record wins: it is done, or failed (and may be retried)."""
         if "error" in record:
             self.failed[record["id"]] = record
             self.done.pop(record["id"], None)

@@ -24,16 +24,24 @@ from .store import now as _now
 
 # ----------------------------------------------------------------------------- launch commands
 
+def launch_override(args: argparse.Namespace, env_var: str) -> list[str] | None:
+    """The launch command given by --server-cmd or ``env_var`` (split like a shell), or None."""
+    override = args.server_cmd or os.environ.get(env_var)
+    if not override:
+        return None
+    try:
+        prefix = shlex.split(override)
+    except ValueError as err:
+        raise UserError(f"the launch command override cannot be parsed ({err})") from None
+    if not prefix:
+        raise UserError("the launch command override is empty")
+    return prefix
+
+
 def launch_prefix(args: argparse.Namespace) -> tuple[list[str], bool]:
     """The command that replaces ``python -m sglang.launch_server``, and whether overridden."""
-    override = args.server_cmd or os.environ.get(LAUNCH_ENV_VAR)
-    if override:
-        try:
-            prefix = shlex.split(override)
-        except ValueError as err:
-            raise UserError(f"the launch command override cannot be parsed ({err})") from None
-        if not prefix:
-            raise UserError("the launch command override is empty")
+    prefix = launch_override(args, LAUNCH_ENV_VAR)
+    if prefix:
         return prefix, True
     return [sys.executable, "-m", "sglang.launch_server"], False
 
@@ -93,14 +101,19 @@ def detect_gpu() -> GpuInfo:
         return GpuInfo(False, f"the CUDA GPU cannot be queried ({type(err).__name__}: {err})")
 
 
-def sglang_version() -> str | None:
-    if importlib.util.find_spec("sglang") is None:
+def package_version(package: str) -> str | None:
+    """The installed version of ``package``; None when absent, "unknown" without metadata."""
+    if importlib.util.find_spec(package) is None:
         return None
     try:
         from importlib.metadata import version
-        return version("sglang")
+        return version(package)
     except Exception:  # noqa: BLE001 - installed from source without metadata
         return "unknown"
+
+
+def sglang_version() -> str | None:
+    return package_version("sglang")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -149,24 +162,35 @@ def require_package_and_gpu(engine: str, package: str, version: str | None, gpu:
                         + "; ".join(problems), hint)
 
 
-def check_launch_environment(args: argparse.Namespace, overridden: bool) -> GpuInfo | None:
-    """Make sure servers can be launched here; return the GPU (None when unknown)."""
-    if overridden:  # a custom launcher (tests, containers...): trust it, filter if we can
-        gpu = detect_gpu()
-        return gpu if gpu.available else None
-    version = sglang_version()
+def check_server_environment(args: argparse.Namespace, overridden: bool, *, engine: str,
+                             package: str, version: str | None, hint: str,
+                             minimum: tuple[int, ...], too_old: tuple[str, str]) -> GpuInfo | None:
+    """What launching ``engine`` servers needs here (the package at ``minimum`` or newer, a
+    GPU, enough GPUs for --tp-size); return the GPU (None when unknown). A custom launcher
+    (``overridden``: tests, containers...) is trusted."""
     gpu = detect_gpu()
-    require_package_and_gpu("SGLang", "sglang", version, gpu,
-                            "run this on a GPU machine in the SGLang environment (docs/SGLANG.md: "
-                            "pip install -r requirements-sglang.txt), or pass --base-url to "
-                            "benchmark a running server")
-    if version != "unknown" and _version_tuple(version) and \
-            _version_tuple(version) < MIN_SGLANG:
-        raise UserError(f"sglang {version} has no DFLASH speculative algorithm",
-                        "install sglang>=0.5.11 (pip install -r requirements-sglang.txt)")
+    if overridden:
+        return gpu if gpu.available else None
+    require_package_and_gpu(engine, package, version, gpu, hint)
+    found = _version_tuple(version) if version != "unknown" else None
+    if found and found[:len(minimum)] < minimum:
+        raise UserError(*too_old)
     if args.tp_size > gpu.count:
         raise UserError(f"--tp-size {args.tp_size} needs {args.tp_size} GPUs; {gpu.count} visible")
     return gpu
+
+
+def check_launch_environment(args: argparse.Namespace, overridden: bool) -> GpuInfo | None:
+    """Make sure SGLang servers can be launched here; return the GPU (None when unknown)."""
+    version = None if overridden else sglang_version()
+    return check_server_environment(
+        args, overridden, engine="SGLang", package="sglang", version=version,
+        hint="run this on a GPU machine in the SGLang environment (docs/SGLANG.md: "
+             "pip install -r requirements-sglang.txt), or pass --base-url to benchmark a "
+             "running server",
+        minimum=MIN_SGLANG,
+        too_old=(f"sglang {version} has no DFLASH speculative algorithm",
+                 "install sglang>=0.5.11 (pip install -r requirements-sglang.txt)"))
 
 
 def check_port_free(host: str, port: int) -> None:

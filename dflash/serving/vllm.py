@@ -16,16 +16,14 @@ the mapping of this script's server flags onto vLLM's. Facts: docs/SGLANG.md (vL
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
 from ..errors import UserError
 from .cli import DEFAULT_BACKENDS
-from .servers import GpuInfo, _version_tuple, detect_gpu, require_package_and_gpu
+from .servers import GpuInfo, check_server_environment, launch_override, package_version
 
 VLLM_ENV_VAR = "DFLASH_VLLM_LAUNCH_CMD"
 MIN_VLLM = (0, 20)
@@ -67,14 +65,8 @@ def block_size(args: argparse.Namespace) -> tuple[int, str]:
 def launch_prefix(args: argparse.Namespace) -> tuple[list[str], bool]:
     """``vllm serve`` (the entry point beside this Python when there is one), or the override
     of ``DFLASH_VLLM_LAUNCH_CMD`` / --server-cmd, and whether overridden."""
-    override = args.server_cmd or os.environ.get(VLLM_ENV_VAR)
-    if override:
-        try:
-            prefix = shlex.split(override)
-        except ValueError as err:
-            raise UserError(f"the launch command override cannot be parsed ({err})") from None
-        if not prefix:
-            raise UserError("the launch command override is empty")
+    prefix = launch_override(args, VLLM_ENV_VAR)
+    if prefix:
         return prefix, True
     beside = Path(sys.executable).parent / "vllm"
     return [str(beside) if beside.exists() else "vllm", "serve"], False
@@ -104,30 +96,16 @@ def launch_env_additions() -> dict[str, str]:
 
 
 def vllm_version() -> str | None:
-    if importlib.util.find_spec("vllm") is None:
-        return None
-    try:
-        from importlib.metadata import version
-        return version("vllm")
-    except Exception:  # noqa: BLE001 - installed from source without metadata
-        return "unknown"
+    return package_version("vllm")
 
 
 def check_launch_environment(args: argparse.Namespace, overridden: bool) -> GpuInfo | None:
     """Make sure vLLM servers can be launched here; return the GPU (None when unknown)."""
-    if overridden:  # a custom launcher (tests, containers...): trust it
-        gpu = detect_gpu()
-        return gpu if gpu.available else None
-    version = vllm_version()
-    gpu = detect_gpu()
-    require_package_and_gpu("vLLM", "vllm", version, gpu,
-                            "run this on a GPU machine in the vLLM environment (pip install -r "
-                            "requirements-vllm.txt), or pass --base-url to benchmark a running "
-                            "server")
-    if version != "unknown" and _version_tuple(version) and \
-            _version_tuple(version)[:2] < MIN_VLLM:
-        raise UserError(f"vllm {version} has no DFlash speculative method",
-                        "install vllm>=0.20 (pip install -r requirements-vllm.txt)")
-    if args.tp_size > gpu.count:
-        raise UserError(f"--tp-size {args.tp_size} needs {args.tp_size} GPUs; {gpu.count} visible")
-    return gpu
+    version = None if overridden else vllm_version()
+    return check_server_environment(
+        args, overridden, engine="vLLM", package="vllm", version=version,
+        hint="run this on a GPU machine in the vLLM environment (pip install -r "
+             "requirements-vllm.txt), or pass --base-url to benchmark a running server",
+        minimum=tuple(MIN_VLLM),
+        too_old=(f"vllm {version} has no DFlash speculative method",
+                 "install vllm>=0.20 (pip install -r requirements-vllm.txt)"))
