@@ -20,8 +20,7 @@ from dflash.model.dflash2 import dflash2_from_dflash1
 from dflash.model.hub import EMBEDDED_DRAFT, EMBEDDED_TARGET
 from dflash.model.toy import make_random_draft, make_random_target
 
-from test_filtered_sampling import (ALPHA, boundary_margin, chi2_pvalue, filtered, tv_bound,
-                                    tv_distance)
+from test_filtered_sampling import ALPHA, chi2_pvalue, exact_laws, tv_bound, tv_distance
 from test_lossless import prompts, reference
 
 MAX_NEW = 23  # not a multiple of most block sizes: the last block ends mid-way
@@ -126,20 +125,7 @@ def small_pair():
 @pytest.fixture(scope="module")
 def exact(small_pair):
     """Per setting: the joint law of tokens 1-2 [V*V] and the marginal of token 3 [V]."""
-    target, _ = small_pair
-    with torch.no_grad():
-        l1 = target(torch.tensor([PROMPT])).logits[0, -1:]
-        l2 = target(torch.tensor([PROMPT + [a] for a in range(VOCAB)])).logits[:, -1]
-        l3 = target(torch.tensor([PROMPT + [a, b] for a in range(VOCAB)
-                                  for b in range(VOCAB)])).logits[:, -1]
-    out = {}
-    for name, (t, top_p, top_k) in SETTINGS.items():
-        assert boundary_margin(torch.cat([l1, l2, l3]), t, top_p, top_k) > 1e-4, name
-        p1, p2 = filtered(l1, t, top_p, top_k)[0], filtered(l2, t, top_p, top_k)
-        p3 = filtered(l3, t, top_p, top_k).view(VOCAB, VOCAB, VOCAB)
-        joint12 = p1[:, None] * p2
-        out[name] = (joint12.flatten(), (joint12[:, :, None] * p3).sum((0, 1)))
-    return out
+    return exact_laws(small_pair[0], SETTINGS, VOCAB, PROMPT)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))

@@ -105,23 +105,26 @@ def pair():
     return target, draft
 
 
-@pytest.fixture(scope="module")
-def exact(pair):
+def exact_laws(target, settings, vocab=VOCAB, prompt=PROMPT):
     """Per setting: the joint law of tokens 1-2 [V*V] and the marginal of token 3 [V]."""
-    target, _ = pair
     with torch.no_grad():
-        l1 = target(torch.tensor([PROMPT])).logits[0, -1:]
-        l2 = target(torch.tensor([PROMPT + [a] for a in range(VOCAB)])).logits[:, -1]
-        l3 = target(torch.tensor([PROMPT + [a, b] for a in range(VOCAB)
-                                  for b in range(VOCAB)])).logits[:, -1]
+        l1 = target(torch.tensor([prompt])).logits[0, -1:]
+        l2 = target(torch.tensor([prompt + [a] for a in range(vocab)])).logits[:, -1]
+        l3 = target(torch.tensor([prompt + [a, b] for a in range(vocab)
+                                  for b in range(vocab)])).logits[:, -1]
     out = {}
-    for name, (t, top_p, top_k) in SETTINGS.items():
+    for name, (t, top_p, top_k) in settings.items():
         assert boundary_margin(torch.cat([l1, l2, l3]), t, top_p, top_k) > 1e-4, name
         p1, p2 = filtered(l1, t, top_p, top_k)[0], filtered(l2, t, top_p, top_k)
-        p3 = filtered(l3, t, top_p, top_k).view(VOCAB, VOCAB, VOCAB)
+        p3 = filtered(l3, t, top_p, top_k).view(vocab, vocab, vocab)
         joint12 = p1[:, None] * p2
         out[name] = (joint12.flatten(), (joint12[:, :, None] * p3).sum((0, 1)))
     return out
+
+
+@pytest.fixture(scope="module")
+def exact(pair):
+    return exact_laws(pair[0], SETTINGS)
 
 
 def _run(kind, target, draft):
