@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UserError
 from .cpu import CpuDraftEngine
+from .cuda.autotune import ensure_tuned
 from .draft import DraftEngine
 from .reference import HFTargetEngine
 from .static import StaticTargetEngine, decoder_parts, layer_windows, text_config, text_decoder
@@ -167,6 +168,9 @@ class Engines:
             capacity = max(capacity, 2 * eng.capacity if eng else 0)
             capacity = -(-capacity // 256) * 256
             opts = dict(fused=self.graphs, compile=self.compile, graphs=self.graphs)
+            if self.graphs and self.device.type == "cuda":
+                # before the fused layers are built: their gate/up layout follows the configs
+                ensure_tuned([m for m in (self.target, self.draft) if m is not None], self.device)
             if self.name == "hf":
                 self.target_engine = HFTargetEngine(self.target, self.feature_layers, capacity)
                 opts = {}

@@ -152,7 +152,12 @@ def load_table(path: Path = TABLE_PATH) -> dict[tuple[int, int], tuple[int, ...]
 def tuned_table() -> dict[tuple[int, int], tuple[int, ...] | None]:
     """The table for the current GPU, loaded on first use (scripts may edit the dict)."""
     name = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else ""
-    return load_table(table_path(name))
+    from .autotune import cached_table  # this machine's first-use tuning (engine/cuda/autotune.py)
+
+    table = load_table(table_path(name))
+    if name:  # tuned on this very GPU: more specific than a shipped (perhaps other GPU's) table
+        table.update(cached_table(name))
+    return table
 
 
 def heuristic_config(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, int]:
