@@ -450,6 +450,11 @@ def environment_info(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "device": str(device),
     }
+    try:
+        import triton
+        info["triton_version"] = triton.__version__
+    except ImportError:  # CPU wheels of torch ship none
+        pass
     if device.type == "cpu":
         info["cpu_name"] = platform.processor() or platform.machine()
         info["torch_threads"] = torch.get_num_threads()

@@ -1,11 +1,13 @@
 """python -m dflash.perf: the decoding engines measured against the weight-read floor.
 
-On one GPU, in one run: copy bandwidth and the floor it implies for one decoding step; for
-each engine (fast: static cache + fused/compiled math + CUDA graphs; hf: eager Transformers),
-the autoregressive step at several context lengths, verify and draft time per block size, the
-whole cycle inside the real decoding loop, c(b) = cycle / AR step, and projected tokens/s at
-a given tau. Models are the Qwen3-4B target shape with random bf16 weights and the real 4B
-draft config. Then end to end on the embedded tiny pair (real tau). Writes JSON + Markdown.
+On one GPU, in one run: copy bandwidth and the floor it implies for one decoding step; the
+bf16 GEMM rate and the compute floor it implies for a prefill; for each engine (fast: static
+cache + fused/compiled math + CUDA graphs; hf: eager Transformers), the autoregressive step at
+several context lengths, prefill at several prompt lengths, verify and draft time per block
+size, the whole cycle inside the real decoding loop, c(b) = cycle / AR step, and projected
+tokens/s at a given tau. Models: a named target shape (Qwen3-4B, Qwen3-8B, Llama-3.1-8B) or
+any local config.json, random bf16 weights, with the real 4B draft config fitted to it. Then
+end to end on the embedded tiny pair (real tau). Writes JSON + Markdown.
 """
 from __future__ import annotations
 
@@ -26,10 +28,63 @@ from ..runlog import atomic_write_json, atomic_write_text
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
                 max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True)
+# Published configs (HF config.json): Qwen/Qwen3-8B and meta-llama/Llama-3.1-8B.
+QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False)
+LLAMA31_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=8.0,
+                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=8192))
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=1e6,
             max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True)
 DRAFT_4B = Path(__file__).parent / "configs" / "qwen3-4b-dflash-b16.config.json"
+SHAPES = {"qwen3-4b": QWEN3_4B, "qwen3-8b": QWEN3_8B, "llama-3.1-8b": LLAMA31_8B, "tiny": TINY}
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+def load_shape(spec: str) -> tuple[str, dict]:
+    """(label, config kwargs incl. model_type) for a shape name or a local config.json (or a
+    checkpoint directory holding one; a multimodal config's text_config is used)."""
+    if spec in SHAPES:
+        return spec, dict({"model_type": "qwen3"}, **SHAPES[spec])
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserError(f"--shape {spec}: not a known shape and no config.json there",
+                        f"use one of {', '.join(SHAPES)} or a path to a config.json")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--shape {spec}: cannot read {path}: {e}") from None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else cfg
+    if not isinstance(cfg, dict) or "model_type" not in cfg or any(
+            k not in cfg for k in _SHAPE_KEYS[:5]):
+        raise UserError(f"--shape {spec}: {path} is not a causal LM config (needs model_type, "
+                        f"{', '.join(_SHAPE_KEYS[:5])})")
+    drop = {"architectures", "auto_map", "transformers_version", "quantization_config", "dtype",
+            "torch_dtype"}
+    return cfg.get("_name_or_path") or path.parent.name or str(path), \
+        {k: v for k, v in cfg.items() if k not in drop}
+
+
+def shape_dims(cfg) -> dict:
+    """The sizes the draft config and the FLOP count need, from a transformers config."""
+    heads = cfg.num_attention_heads
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                num_attention_heads=heads,
+                num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
+def _prefill_cell(ms, floor) -> str:
+    return "-" if ms is None else f"{ms:.2f} ({100 * floor / ms:.0f}% of floor)"
 
 
 def _cell(value) -> str:
@@ -72,6 +127,50 @@ def copy_bandwidth(device, gib: float = 2.0) -> float:
     return 2 * x.numel() * 2 / (ms / 1000)
 
 
+def gemm_rate(device, n: int | None = None) -> float:
+    """Dense matmul rate in FLOP/s (bf16 on CUDA, float32 on CPU): the compute ceiling a
+    prefill is measured against (a large square GEMM, as fast as this device multiplies)."""
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 512)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device, iters=10 if cuda else 3)
+    return 2 * n ** 3 / (ms / 1000)
+
+
+def prefill_flops(dims: dict, tokens: int) -> float:
+    """FLOPs of a causal prefill of ``tokens`` tokens: 2 per weight per token for every
+    matrix a token multiplies (layers + LM head, not the embedding lookup), plus causal
+    attention (QK^T and PV over the lower triangle: 2 * 2 * T^2 / 2 per head dim)."""
+    h, i, L = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]
+    qd = dims["num_attention_heads"] * dims["head_dim"]
+    kvd = dims["num_key_value_heads"] * dims["head_dim"]
+    per_layer = h * (qd + 2 * kvd) + qd * h + 3 * h * i
+    weights = L * per_layer + h * dims["vocab_size"]
+    attention = L * 2 * tokens * tokens * qd  # 4 T^2 qd / 2 for causal
+    return 2 * weights * tokens + attention
+
+
+@torch.inference_mode()
+def measure_prefill(name, target, device, lengths, iters) -> dict:
+    """Prefill time of ``lengths`` prompt tokens on engine ``name`` (the loop's own first
+    forward: eager, logits of every position, features, KV written), median ms."""
+    dec = SpeculativeDecoder(target, None, engine=name)
+    dec.reserve(max(lengths) + 64)
+    tgt = dec.engines.target_engine
+    vocab = target.config.vocab_size
+    out = {}
+    for n in lengths:
+        ids = torch.randint(0, vocab - 2, (1, n), device=device)
+        pos = torch.arange(n, device=device)
+        out[n] = time_ms(lambda: tgt.forward(ids, pos, kv_len=n), device, iters, warmup=2)
+    del dec, tgt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def draft_config(shape: dict) -> dict:
     """The real 4B draft config fitted to the target ``shape``."""
     draft_cfg = json.loads(DRAFT_4B.read_text())
@@ -89,13 +188,17 @@ def draft_config(shape: dict) -> dict:
 
 
 def build_models(shape: dict, device, dtype):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """A random target of ``shape`` (config kwargs; ``model_type`` defaults to qwen3) and the
+    real 4B draft config fitted to it; 2-D weights ~ N(0, 0.02)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = Qwen3Config(**shape)
+    kw = dict(shape)
+    cfg = AutoConfig.for_model(kw.pop("model_type", "qwen3"), **kw)
     torch.manual_seed(0)
-    with torch.device(device):
-        target = Qwen3ForCausalLM(cfg).to(dtype).eval()
-    draft_cfg = draft_config(shape)
+    with torch.device(device):  # built where it runs, in its dtype: no slow CPU init
+        target = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    target.generation_config.eos_token_id = None
+    draft_cfg = draft_config(shape_dims(target.config))
     with torch.device(device):
         draft = DFlashDraft.from_config(draft_cfg).to(dtype).eval()
         draft.inv_freq = draft.inv_freq.float()
@@ -319,19 +422,29 @@ def dflash2_markdown(r: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
+    versions = ", ".join(f"{k} {env[k + '_version']}" for k in
+                         ("torch", "cuda", "triton", "transformers", "driver") if env.get(k + "_version"))
     lines = [f"# Decoding engine performance ({report['shape']} target, {env['gpu_name']})", "",
-             f"Date {report['date']}; torch {env['torch_version']}, CUDA {env['cuda_version']}, "
-             f"transformers {env['transformers_version']}. Command: `{report['command']}`.", "",
+             f"Date {report['date']}; {versions}. Command: `{report['command']}`.", "",
              f"- copy bandwidth (read+write): {report['copy_bandwidth_tb_s']:.2f} TB/s",
              f"- target weights: {report['target_weight_gb']:.2f} GB -> floor per step "
              f"{report['floor_ms']:.2f} ms; draft + LM head: {report['draft_weight_gb']:.2f} GB "
-             f"-> {report['draft_floor_ms']:.2f} ms", ""]
+             f"-> {report['draft_floor_ms']:.2f} ms"]
+    if report.get("gemm_tflop_s"):
+        lines.append(f"- dense GEMM rate: {report['gemm_tflop_s']:.3g} TFLOP/s -> the prefill "
+                     "compute floor (weights' FLOPs + causal attention at that rate)")
+    lines.append("")
     engines = report["engines"]
     names = [e["engine"] for e in engines]
     lines += ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in engines[0]["ar_step_ms"]:
         lines.append(f"| AR step, context {c} (ms) | " +
                      " | ".join(_cell(e['ar_step_ms'].get(c)) for e in engines) + " |")
+    floors = report.get("prefill_floor_ms") or {}
+    for n in engines[0].get("prefill_ms", {}):
+        lines.append(f"| prefill {n} tokens (ms; compute floor {floors[n]:.2f}) | " +
+                     " | ".join(_prefill_cell(e.get("prefill_ms", {}).get(n), floors[n])
+                                for e in engines) + " |")
     for key, label in (("verify_ms", "verify"), ("draft_ms", "draft"), ("cycle_ms", "loop cycle")):
         for b in engines[0][key]:
             lines.append(f"| {label} b={b} (ms) | " +
@@ -362,12 +475,26 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_bytes_per_step(target) -> int:
+    """Weight bytes one decode step reads: every weight once, except an untied input
+    embedding table (a step reads one row of it)."""
+    embed = target.get_input_embeddings().weight
+    head = target.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    return weight_bytes(target) - (0 if tied else embed.numel() * embed.element_size())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dflash.perf", description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=["qwen3-4b", "tiny"], default="qwen3-4b")
+    p.add_argument("--shape", default="qwen3-4b", metavar="NAME|PATH",
+                   help=f"target shape: {', '.join(SHAPES)}, or a local config.json (or a "
+                        "directory holding one); random weights either way (default qwen3-4b)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--engines", default="fast,hf")
     p.add_argument("--contexts", default="512,1024,2048")
+    p.add_argument("--prefill-lengths", default="512,2048,8192",
+                   help="prompt lengths whose prefill is timed ('' = none)")
+    p.add_argument("--prefill-iters", type=int, default=5)
     p.add_argument("--block-sizes", default=",".join(str(b) for b in range(2, 17)))
     p.add_argument("--hf-block-sizes", default="2,4,8,16", help="block sizes timed for the slow hf path")
     p.add_argument("--iters", type=int, default=30)
@@ -385,47 +512,59 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("python -m dflash.perf needs a CUDA GPU", "run it on a GPU machine, or --device cpu --shape tiny")
+    ints = lambda text, flag: _int_list(text, flag)  # noqa: E731
+    contexts = ints(args.contexts, "--contexts")
+    prefill_lengths = ints(args.prefill_lengths, "--prefill-lengths") if args.prefill_lengths else []
+    engines = [e for e in args.engines.split(",") if e]
+    label, shape = load_shape(args.shape)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     from .common import environment_info
 
     report = {"command": "python -m dflash.perf " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "shape": args.shape,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "shape": label,
               "environment": environment_info(device)}
     bw = copy_bandwidth(device, 2.0 if device.type == "cuda" else 0.25)
     report["engines"] = []
     if args.only_embedded:
-        report["embedded"] = embedded_end_to_end(device, dtype, args.engines.split(","),
+        report["embedded"] = embedded_end_to_end(device, dtype, engines,
                                                  args.embedded_prompts, args.embedded_max_new)
         atomic_write_json(Path(args.out_dir) / "perf_embedded.json", report)
         print(json.dumps(report["embedded"], indent=1))
         return 0
-    target, draft = build_models(QWEN3_4B if args.shape == "qwen3-4b" else TINY, device, dtype)
-    t_bytes = weight_bytes(target)
-    d_bytes = weight_bytes(draft) + target.lm_head.weight.numel() * target.lm_head.weight.element_size()
-    report.update(copy_bandwidth_tb_s=bw / 1e12, target_weight_gb=t_bytes / 1e9,
+    target, draft = build_models(shape, device, dtype)
+    dims = shape_dims(target.config)
+    t_bytes = read_bytes_per_step(target)
+    head = target.get_output_embeddings().weight
+    d_bytes = weight_bytes(draft) + head.numel() * head.element_size()
+    rate = gemm_rate(device) if prefill_lengths else None
+    report.update(dims=dims, model_type=target.config.model_type,
+                  copy_bandwidth_tb_s=bw / 1e12, target_weight_gb=t_bytes / 1e9,
                   draft_weight_gb=d_bytes / 1e9, floor_ms=1000 * t_bytes / bw,
-                  draft_floor_ms=1000 * d_bytes / bw)
-    print(f"copy {bw / 1e12:.2f} TB/s; floor {report['floor_ms']:.2f} ms/step", flush=True)
-    contexts = [int(c) for c in args.contexts.split(",")]
-    report["engines"] = []
-    for name in args.engines.split(","):
+                  draft_floor_ms=1000 * d_bytes / bw,
+                  gemm_tflop_s=rate / 1e12 if rate else None,
+                  prefill_floor_ms={n: 1000 * prefill_flops(dims, n) / rate
+                                    for n in prefill_lengths} if rate else {})
+    print(f"{label}: copy {bw / 1e12:.2f} TB/s; floor {report['floor_ms']:.2f} ms/step"
+          + (f"; GEMM {rate / 1e12:.0f} TFLOP/s" if rate else ""), flush=True)
+    out = Path(args.out_dir)
+    for name in engines:
         sizes = [int(b) for b in (args.block_sizes if name != "hf" else args.hf_block_sizes).split(",")]
         t0 = time.time()
         r = measure_engine(name, target, draft, device, contexts, sizes,
                            args.iters if name != "hf" else max(3, args.iters // 6),
                            args.loop_tokens if name != "hf" else 16, args.tau)
+        r["prefill_ms"] = measure_prefill(name, target, device, prefill_lengths,
+                                          args.prefill_iters if name != "hf" else 2)
         r["measure_s"] = time.time() - t0
         report["engines"].append(r)
         print(f"{name}: AR {r['ar_step_ms']} ms; cycle {r['cycle_ms']}; c(b) "
-              f"{ {b: round(v, 2) for b, v in r['c_of_b'].items()} }; "
+              f"{ {b: round(v, 2) for b, v in r['c_of_b'].items()} }; prefill {r['prefill_ms']} ms; "
               f"projected {r['projected_tokens_per_s']['value']:.0f} tok/s ({r['measure_s']:.0f} s)",
               flush=True)
-    out = Path(args.out_dir)
-    atomic_write_json(out / "perf.json", report)  # the engine table survives a failure below
-    if not args.skip_dflash2 and "fast" in args.engines.split(","):
+        atomic_write_json(out / "perf.json", report)  # what is measured survives a failure below
+    if not args.skip_dflash2 and "fast" in engines:
         t0 = time.time()
-        draft2 = build_dflash2_draft(QWEN3_4B if args.shape == "qwen3-4b" else TINY, draft,
-                                     device, dtype)
+        draft2 = build_dflash2_draft(dims, draft, device, dtype)
         big = max(int(b) for b in args.block_sizes.split(","))
         d2 = measure_dflash2(target, draft, draft2, device, contexts[0], big, args.iters,
                              args.loop_tokens)
@@ -440,15 +579,23 @@ def main(argv=None) -> int:
         del draft2
     del target, draft
     if not args.skip_embedded:
-        report["embedded"] = embedded_end_to_end(device, dtype, args.engines.split(","),
+        report["embedded"] = embedded_end_to_end(device, dtype, engines,
                                                  args.embedded_prompts, args.embedded_max_new)
-    out = Path(args.out_dir)
     atomic_write_json(out / "perf.json", report)
     md = markdown(report)
     atomic_write_text(out / "PERFORMANCE.md", md)
     print(md)
     return 0
 
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} must list integers >= 1, got {text!r}")
+    return values
 
 if __name__ == "__main__":
     run_cli(main)
