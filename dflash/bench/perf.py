@@ -22,7 +22,7 @@ import torch
 
 from ..decoding.loop import SpeculativeDecoder
 from ..model.draft import DFlashDraft
-from ..errors import UserError, run_cli
+from ..errors import UserError, parse_int_list, run_cli
 from ..runlog import atomic_write_json, atomic_write_text
 
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -512,9 +512,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("python -m dflash.perf needs a CUDA GPU", "run it on a GPU machine, or --device cpu --shape tiny")
-    ints = lambda text, flag: _int_list(text, flag)  # noqa: E731
-    contexts = ints(args.contexts, "--contexts")
-    prefill_lengths = ints(args.prefill_lengths, "--prefill-lengths") if args.prefill_lengths else []
+    contexts = parse_int_list(args.contexts, "--contexts", minimum=1, example="512,2048")
+    prefill_lengths = parse_int_list(args.prefill_lengths, "--prefill-lengths", minimum=1,
+                                     example="512,2048,8192") if args.prefill_lengths else []
     engines = [e for e in args.engines.split(",") if e]
     label, shape = load_shape(args.shape)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -545,7 +545,7 @@ def main(argv=None) -> int:
                   prefill_floor_ms={n: 1000 * prefill_flops(dims, n) / rate
                                     for n in prefill_lengths} if rate else {})
     print(f"{label}: copy {bw / 1e12:.2f} TB/s; floor {report['floor_ms']:.2f} ms/step"
-          + (f"; GEMM {rate / 1e12:.0f} TFLOP/s" if rate else ""), flush=True)
+          + (f"; GEMM {rate / 1e12:.3g} TFLOP/s" if rate else ""), flush=True)
     out = Path(args.out_dir)
     for name in engines:
         sizes = [int(b) for b in (args.block_sizes if name != "hf" else args.hf_block_sizes).split(",")]
@@ -587,15 +587,6 @@ def main(argv=None) -> int:
     print(md)
     return 0
 
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{flag} must list integers >= 1, got {text!r}")
-    return values
 
 if __name__ == "__main__":
     run_cli(main)
