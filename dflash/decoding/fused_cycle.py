@@ -10,6 +10,13 @@ device tensors that the graph itself advances, so a replay copies no inputs; the
 the packed result once per cycle, as before. It runs the same kernels in the same order as
 the unfused path, so the tokens are bitwise the same. Off the GPU it runs eagerly (the CPU
 graph-mode tests use it); ``DFLASH_FUSED_CYCLE=0`` turns it off.
+
+Sampling (temperature > 0, DFlash 1 drafts or none) has its own cycle graph,
+:class:`SamplingCycle`: filtered draft distribution q, proposals drawn from it, verify,
+filtered target distribution p, exact acceptance and the residual/bonus draw, all on the
+device. Its randomness comes from a CUDA generator of its own, registered with every graph so
+that each replay draws fresh numbers, and seeded from the caller's generator once per
+generation: the same seed gives the same tokens.
 """
 from __future__ import annotations
 
@@ -17,20 +24,16 @@ import os
 
 import torch
 
-from .sampling import greedy_accept
+from .sampling import filtered_probs, greedy_accept, sample, speculative_accept
 
 
 def fused_cycle_enabled() -> bool:
     return os.environ.get("DFLASH_FUSED_CYCLE", "1") != "0"
 
 
-class GreedyCycle:
-    """``run(b, nd)`` -> packed [1 + (b-1) + b] int64 on the device: accepted count, the b-1
-    proposals, then the target's greedy token after each block slot (see ``greedy_accept``).
-
-    ``target``/``draft``: a StaticTargetEngine and a DraftEngine (or None) in graph mode.
-    ``nd`` >= b is the number of tokens drafted (truncation mode drafts more than it verifies).
-    """
+class _CycleGraph:
+    """One graph per (block size, drafted size) of ``_cycle``; the anchor token and its
+    position are device tensors that each cycle advances itself."""
 
     def __init__(self, target, draft, mask_id: int, device: torch.device):
         self.target, self.draft, self.mask_id = target, draft, mask_id
@@ -40,6 +43,7 @@ class GreedyCycle:
         self._graphs: dict = {}
         self._offsets: dict[int, torch.Tensor] = {}
         self._pool = None
+        self.gen: torch.Generator | None = None  # the cycle's own randomness (sampling)
 
     def begin(self, last: torch.Tensor, start: int) -> None:
         """Set the first cycle's anchor token (device tensor, [1]) and position."""
@@ -62,40 +66,110 @@ class GreedyCycle:
             self._offsets[n] = torch.arange(n, device=self.last.device)
         return self._offsets[n]
 
-    def _cycle(self, b: int, nd: int) -> torch.Tensor:
-        last, start = self.last, self.start
-        pos_all = start + self._offs(nd)  # [nd] positions of the drafted block
-        pos = pos_all[:b]
-        if b > 1:
-            block = torch.where(self._offs(nd) == 0, last, self.mask_id)[None]  # [last, MASK...]
-            proposals = self.draft._propose_greedy(block, pos_all, None)[:b - 1]
-        else:
-            proposals = last[:0]
-        t_logits, t_feats = self.target._forward(torch.cat([last, proposals])[None], pos, None)
-        accepted, nxt = greedy_accept(proposals, t_logits[0])
+    def _block(self, nd: int) -> torch.Tensor:
+        """The drafted block [1, nd]: [last, MASK...]."""
+        return torch.where(self._offs(nd) == 0, self.last, self.mask_id)[None]
+
+    def _finish(self, accepted, proposals, nxt, t_feats, pos) -> torch.Tensor:
+        """Context append, the next anchor (the token after the accepted prefix, one past its
+        position), and the packed [accepted, proposals (b-1), next tokens (b)]."""
         packed = torch.cat([accepted.reshape(1), proposals, nxt])
         if self.draft is not None:
             # the whole verified block (fixed shape); rows past tau are overwritten before any
             # query can see them
             self.draft._append_context(t_feats, pos)
-        # the next cycle's anchor: the token after the accepted prefix, one past its position
-        last.copy_(nxt.gather(0, accepted.reshape(1)))
-        start.add_(accepted + 1)
+        self.last.copy_(nxt.gather(0, accepted.reshape(1)))
+        self.start.add_(accepted + 1)
         return packed
 
-    def _capture(self, b: int, nd: int):
+    def _cycle(self, b: int, nd: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _warmed(self, b: int, nd: int) -> None:
+        """Two eager cycles on a side stream (compiles, allocates); state restored after
+        (the generator's too: warm-up draws must not shift the seeded stream)."""
         saved = (self.last.clone(), self.start.clone())
+        rng = self.gen.get_state() if self.gen is not None else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up (compiles, allocates); state restored after
+        with torch.cuda.stream(stream):
             for _ in range(2):
                 self._cycle(b, nd)
                 self.last.copy_(saved[0])
                 self.start.copy_(saved[1])
         torch.cuda.current_stream().wait_stream(stream)
+        if rng is not None:
+            self.gen.set_state(rng)
+
+    def _capture(self, b: int, nd: int):
+        self._warmed(b, nd)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        if self.gen is not None:
+            graph.register_generator_state(self.gen)  # each replay draws fresh numbers
         with torch.cuda.graph(graph, pool=self._pool):
             out = self._cycle(b, nd)
         return graph, out
+
+
+class GreedyCycle(_CycleGraph):
+    """``run(b, nd)`` -> packed [1 + (b-1) + b] int64 on the device: accepted count, the b-1
+    proposals, then the target's greedy token after each block slot (see ``greedy_accept``).
+
+    ``target``/``draft``: a StaticTargetEngine and a DraftEngine (or None) in graph mode.
+    ``nd`` >= b is the number of tokens drafted (truncation mode drafts more than it verifies).
+    """
+
+    def _cycle(self, b: int, nd: int) -> torch.Tensor:
+        pos_all = self.start + self._offs(nd)  # [nd] positions of the drafted block
+        pos = pos_all[:b]
+        if b > 1:
+            proposals = self.draft._propose_greedy(self._block(nd), pos_all, None)[:b - 1]
+        else:
+            proposals = self.last[:0]
+        t_logits, t_feats = self.target._forward(torch.cat([self.last, proposals])[None], pos,
+                                                 None)
+        accepted, nxt = greedy_accept(proposals, t_logits[0])
+        return self._finish(accepted, proposals, nxt, t_feats, pos)
+
+
+class SamplingCycle(_CycleGraph):
+    """The sampling cycle at fixed ``(temperature, top_p, top_k)``; same ``run`` and packed
+    layout as :class:`GreedyCycle` (entry ``b + accepted`` is the token to emit after the
+    accepted proposals: residual or bonus sample). DFlash 1 drafts (logits per slot) or none.
+
+    Proposals are drawn from the filtered draft distribution q, one per slot independently
+    (truncation mode keeps the first b-1 of the nd-1 drafted), then
+    :func:`~dflash.decoding.sampling.speculative_accept` against the filtered target p."""
+
+    def __init__(self, target, draft, mask_id: int, device: torch.device, temperature: float,
+                 top_p: float = 1.0, top_k: int = 0):
+        super().__init__(target, draft, mask_id, device)
+        self.filters = (temperature, top_p, top_k)
+        self.gen = torch.Generator(device=device)
+
+    def seed(self, generator=None) -> None:
+        """Seed this cycle's generator from ``generator`` (or the default one of its device):
+        one draw per generation, so a seeded caller gets the same tokens every time."""
+        device = generator.device if generator is not None else self.gen.device
+        seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=device)
+        self.gen.manual_seed(int(seed.item()))
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return filtered_probs(logits, *self.filters)
+
+    def _cycle(self, b: int, nd: int) -> torch.Tensor:
+        pos_all = self.start + self._offs(nd)
+        pos = pos_all[:b]
+        q, proposals = None, self.last[:0]
+        if b > 1:
+            d_logits = self.draft._propose_logits(self._block(nd), pos_all, None)[0, :b - 1]
+            q = self._probs(d_logits)
+            proposals = sample(q, self.gen)
+        t_logits, t_feats = self.target._forward(torch.cat([self.last, proposals])[None], pos,
+                                                 None)
+        p = self._probs(t_logits[0])
+        accepted, nxt = speculative_accept(proposals, p[:0] if q is None else q, p, self.gen)
+        return self._finish(accepted, proposals, nxt, t_feats, pos)
+

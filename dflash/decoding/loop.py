@@ -15,7 +15,7 @@ import torch
 from ..engine.select import Engines, synchronize
 from ..errors import UserError
 from ..model.draft import DFlashDraft
-from .fused_cycle import GreedyCycle, fused_cycle_enabled
+from .fused_cycle import GreedyCycle, SamplingCycle, fused_cycle_enabled
 from .result import BlockPolicy, CycleStat, FixedPolicy, GenerationResult, emit
 from .sampling import check_sampling, choose, greedy_accept, probs_at, speculative_accept
 
@@ -66,7 +66,8 @@ class SpeculativeDecoder:
                                compile=compile, cpu_graph_mode=_cpu_graph_mode)
         self.device, self.engine_name = self.engines.device, self.engines.name
         self.graphs = self.engines.graphs
-        self._cycles: dict[bool, GreedyCycle] = {}  # whole-cycle graphs, with/without a draft
+        # whole-cycle graphs: per (with a draft?, sampling settings or None when greedy)
+        self._cycles: dict[tuple, GreedyCycle | SamplingCycle] = {}
         self._cycles_of = None  # ... of this target engine
 
     def reserve(self, tokens: int) -> None:
@@ -74,13 +75,19 @@ class SpeculativeDecoder:
         self.engines.ensure(tokens)
 
     def _greedy_cycle(self, target, draft, mask_id: int) -> GreedyCycle:
-        """The fused greedy cycle of the current engines (rebuilt with them)."""
+        return self._fused_cycle(target, draft, mask_id, None)
+
+    def _fused_cycle(self, target, draft, mask_id: int, sampling: tuple | None):
+        """The fused cycle of the current engines (rebuilt with them): greedy, or sampling at
+        ``sampling`` = (temperature, top_p, top_k)."""
         if self._cycles_of is not target:  # engines rebuilt: drop the old graphs
             self._cycles, self._cycles_of = {}, target
-        with_draft = draft is not None
-        if with_draft not in self._cycles:
-            self._cycles[with_draft] = GreedyCycle(target, draft, mask_id, self.device)
-        return self._cycles[with_draft]
+        key = (draft is not None, sampling)
+        if key not in self._cycles:
+            self._cycles[key] = (GreedyCycle(target, draft, mask_id, self.device)
+                                 if sampling is None else
+                                 SamplingCycle(target, draft, mask_id, self.device, *sampling))
+        return self._cycles[key]
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -147,11 +154,16 @@ class SpeculativeDecoder:
         mask_id = self.draft.mask_token_id if self.draft is not None else 0
         dflash2 = draft is not None and self.draft.is_dflash2
         vocab = draft.lm_head.weight.shape[0] if dflash2 else 0
-        # Graph mode, greedy: the whole cycle is one graph replay (decoding/fused_cycle.py).
-        fused = self.graphs and greedy and timer is None and fused_cycle_enabled()
+        # Graph mode: the whole cycle is one graph replay (decoding/fused_cycle.py); sampling
+        # with DFlash 1 drafts or none (DFlash 2 samples its walk in the unfused loop).
+        fused = (self.graphs and timer is None and fused_cycle_enabled()
+                 and (greedy or not dflash2))
         if fused and not stopped:
-            cycle = self._greedy_cycle(target, draft, mask_id)
+            cycle = self._fused_cycle(target, draft, mask_id,
+                                      None if greedy else (temperature, top_p, top_k))
             cycle.begin(last, start)
+            if not greedy:
+                cycle.seed(generator)
 
         b_next = None
         while fused and not stopped and len(output) < max_new_tokens:

@@ -81,6 +81,48 @@ def choose(logits: torch.Tensor, temperature: float, generator=None, top_p: floa
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
+# Above this many kept tokens, top-k's candidates come from a full sort (topk is slower there).
+TOPK_CANDIDATES_MAX = 4096
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+                   top_k: int = 0) -> torch.Tensor:
+    """:func:`probs_at` without its full stable sort of the vocabulary: the same kept set,
+    the same renormalised law (up to float rounding); device ops only (graph-capturable).
+
+    Both filters keep a prefix of the stable order (value descending, then id). The prefix
+    length comes from the sorted *values* alone, which ``torch.topk`` (or, for top-p without
+    top-k, a values sort) gives exactly whatever its tie order; the kept set is then every
+    token above the prefix's last value plus the lowest ids among the tokens equal to it."""
+    scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
+    vocab = scaled.shape[-1]
+    if not filters_active(vocab, top_p, top_k):
+        return torch.softmax(scaled, dim=-1)
+    k = top_k if 0 < top_k < vocab else vocab
+    if k <= TOPK_CANDIDATES_MAX:
+        values = torch.topk(scaled, k, dim=-1).values
+    else:
+        values = torch.sort(scaled, dim=-1, descending=True).values[..., :k]
+    length = torch.full_like(values[..., :1], k, dtype=torch.int64)
+    if top_p < 1.0:  # the same float ops as probs_at on the same values: the same length
+        kept = torch.softmax(values, dim=-1)
+        length = ((kept.cumsum(dim=-1) - kept) < top_p).sum(dim=-1, keepdim=True)
+    edge = values.gather(-1, length - 1)  # the last kept value
+    above = (values > edge).sum(dim=-1, keepdim=True)
+    tied = scaled == edge
+    keep = (scaled > edge) | (tied & (tied.cumsum(dim=-1) <= length - above))
+    return torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)
+
+
+def sample(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One draw per row of ``probs`` [..., V] (any nonnegative weights, unnormalised is fine)
+    by the exponential race ``argmax(p / E)``, E ~ Exp(1) i.i.d.: exact for a categorical,
+    no host sync (``torch.multinomial`` checks its input on the host), graph-capturable."""
+    race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)
+    # E = 0 would make 0/0 = NaN, which argmax takes for the maximum
+    return (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+
+
 def greedy_accept(proposals: torch.Tensor, target_logits: torch.Tensor):
     """proposals [b-1], target_logits [b, V] -> (accepted count tensor, posterior [b])."""
     posterior = target_logits.argmax(dim=-1)
@@ -94,9 +136,11 @@ def speculative_accept(proposals: torch.Tensor, draft_probs: torch.Tensor,
     """Standard speculative sampling over one block, exact for the target distribution.
 
     proposals [b-1] drawn from draft_probs [b-1, V]; target_probs [b, V] (row i is the target
-    distribution for the token after block slot i). Returns (accepted count, next tokens [b])
-    where next_tokens[a] is the token to emit after ``a`` accepted proposals: the residual
-    sample at the first rejection, or a bonus sample from the last row when all are accepted.
+    distribution for the token after block slot i). Returns (accepted count a, next tokens [b])
+    where next_tokens[a] is the token to emit after the ``a`` accepted proposals: the residual
+    sample ``max(0, p - q)`` at the first rejection, or a bonus sample from the last row when
+    all are accepted. Only that row is drawn (every entry holds the same token). Device ops
+    only (the fused sampling cycle captures it); b = 1 is a plain sample of the one row.
     """
     n = proposals.shape[0]
     idx = torch.arange(n, device=proposals.device)
@@ -105,13 +149,14 @@ def speculative_accept(proposals: torch.Tensor, draft_probs: torch.Tensor,
     u = torch.rand(n, device=proposals.device, generator=generator)
     accept = (u * q_x < p_x).to(torch.int64)  # u < p/q without dividing by zero
     accepted = torch.cumprod(accept, dim=0).sum()
-    residual = (target_probs[:n] - draft_probs).clamp_min(0)
-    mass = residual.sum(dim=-1, keepdim=True)
+    # the row after the accepted prefix; past the last proposal q is 0 (the bonus row is p)
+    p_row = target_probs.index_select(0, accepted.reshape(1))
+    q_all = torch.cat([draft_probs.to(target_probs.dtype), torch.zeros_like(p_row)])
+    residual = (p_row - q_all.index_select(0, accepted.reshape(1))).clamp_min(0)
     # Zero residual mass means p == q there, so acceptance was certain: any row is fine.
-    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target_probs[:n])
-    rows = torch.cat([residual, target_probs[n:]], dim=0)
-    next_tokens = torch.multinomial(rows, 1, generator=generator).squeeze(-1)
-    return accepted, next_tokens
+    residual = torch.where(residual.sum() > 0, residual, p_row)
+    token = sample(residual, generator)  # the race needs no normalisation
+    return accepted, token.expand(n + 1)
 
 
 # --- multi-round speculative sampling (several proposals for one position) -------------------
