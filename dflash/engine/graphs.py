@@ -14,6 +14,7 @@ import torch
 from ..model.ops import rms_norm, rope
 from .cuda.kernels import linear
 from .cuda.layer import gate_up_chunk, interleave_gate_up, layer_kernels_enabled
+from .cuda.moe import MoEWeights
 
 
 class _Captured:
@@ -61,7 +62,10 @@ class GraphCache:
 
 # ----------------------------------------------------------------------------- fused layer math
 class FusedLayer:
-    """One decoder layer's weights, with q/k/v and gate/up concatenated into single GEMMs."""
+    """One decoder layer's weights, with q/k/v and gate/up concatenated into single GEMMs.
+
+    An MoE layer (``moe``: its ``cuda.moe.MoEWeights``) keeps the attention weights only; its
+    MLP runs through ``moe``, and ``wgu`` / ``wd`` are None."""
 
     def __init__(self, layer, n_heads, n_kv, head_dim):
         attn, mlp = layer.self_attn, layer.mlp
@@ -69,17 +73,30 @@ class FusedLayer:
         self.wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
         self.bqkv = torch.cat(biases).detach() if biases[0] is not None else None
-        self.wo, self.bo = attn.o_proj.weight.detach(), attn.o_proj.bias
+        self.wo = attn.o_proj.weight.detach()
+        self.bo = attn.o_proj.bias.detach() if attn.o_proj.bias is not None else None
         self.qn = attn.q_norm.weight.detach() if getattr(attn, "q_norm", None) is not None else None
         self.kn = attn.k_norm.weight.detach() if getattr(attn, "k_norm", None) is not None else None
         self.ln1 = layer.input_layernorm.weight.detach()
         self.ln2 = layer.post_attention_layernorm.weight.detach()
+        self.moe = None if hasattr(mlp, "gate_proj") else MoEWeights.from_block(mlp)
+        self.wgu = self.wd = self.gu_chunk = None
+        if self.moe is not None:
+            return
         self.wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
         self.wd = mlp.down_proj.weight.detach()
         # The layer kernels' SwiGLU epilogue wants gate and up rows interleaved in chunks.
         self.gu_chunk = gate_up_chunk(self) if layer_kernels_enabled() else None
         if self.gu_chunk:
             self.wgu = interleave_gate_up(self.wgu, self.gu_chunk)
+
+
+def fusable_mlp(mlp) -> bool:
+    """Whether ``FusedLayer`` runs this MLP: a bias-free SwiGLU (gate/up/down) or an MoE
+    block that ``MoEWeights`` implements."""
+    if hasattr(mlp, "gate_proj"):
+        return all(getattr(mlp, n).bias is None for n in ("gate_proj", "up_proj", "down_proj"))
+    return MoEWeights.from_block(mlp) is not None
 
 
 def pre_attention(h, cos, sin, ln1, wqkv, bqkv, qn, kn, *, sizes, n_heads, n_kv, head_dim, eps):
@@ -96,18 +113,25 @@ def pre_attention(h, cos, sin, ln1, wqkv, bqkv, qn, kn, *, sizes, n_heads, n_kv,
     return q, k, v.view(1, t, n_kv, head_dim).transpose(1, 2)
 
 
-def post_attention(h, attn_out, wo, ln2, wgu, wd, *, eps, gu_chunk=None):
+def post_attention(h, attn_out, wo, ln2, wgu, wd, *, eps, gu_chunk=None, bo=None):
     """Output projection of attn_out [1, T, H*D] + residual, norm, fused SwiGLU MLP + residual.
 
-    ``gu_chunk``: wgu's gate/up rows are interleaved in chunks of this many (FusedLayer)."""
-    h = h + linear(attn_out, wo)
-    gu = linear(rms_norm(h, ln2, eps), wgu)
+    ``gu_chunk``: wgu's gate/up rows are interleaved in chunks of this many (FusedLayer).
+    ``bo``: the output projection's bias (GPT-OSS)."""
+    h, x = attention_residual(h, attn_out, wo, ln2, eps=eps, bo=bo)
+    gu = linear(x, wgu)
     if gu_chunk:
         gu = gu.unflatten(-1, (-1, 2, gu_chunk))
         gate, up = gu[..., 0, :].flatten(-2), gu[..., 1, :].flatten(-2)
     else:
         gate, up = gu.chunk(2, dim=-1)
     return h + linear(torch.nn.functional.silu(gate) * up, wd)
+
+
+def attention_residual(h, attn_out, wo, ln2, *, eps, bo=None):
+    """(h + attn_out @ wo^T (+ bo), its post-attention norm): the MLP's residual and input."""
+    h = h + linear(attn_out, wo, bo)
+    return h, rms_norm(h, ln2, eps)
 
 
 def draft_context_kv(features, cos, sin, fc_w, norm_w, wkv, kn, *, n_kv, head_dim, eps):

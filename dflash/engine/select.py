@@ -4,8 +4,9 @@
 ``static`` = static KV cache running the model's own modules eagerly (exact HF numerics);
 ``hf`` = the plain eager Transformers forward with a DynamicCache (reference);
 ``auto`` = fast on CUDA, static elsewhere, or what the target's family needs: static for
-MoE targets on CUDA (no graphs), hf for families whose layers the static engine does not
-implement (linear attention, attention sinks, Gemma 4's per-layer modules ...).
+MoE blocks the fused path does not implement (it runs Qwen3-MoE and GPT-OSS), hf for
+families whose layers the static engine does not implement (linear attention, Gemma 4's
+per-layer modules ...).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..errors import UserError
 from .cpu import CpuDraftEngine
 from .cuda.autotune import ensure_tuned
 from .draft import DraftEngine
+from .graphs import fusable_mlp
 from .reference import HFTargetEngine
 from .static import StaticTargetEngine, decoder_parts, layer_windows, text_config, text_decoder
 
@@ -42,17 +44,21 @@ class TargetProfile:
         moe = bool(getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0)) or any(
             not hasattr(l.mlp, "gate_proj") for l in layers)
         self.sliding = any(w is not None for w in layer_windows(cfg, cfg.num_hidden_layers))
-        self.fast = self.static
+        self.fast = self.static if self.static is not None else self._fast_reason(layers)
         sinks = any(getattr(l.self_attn, "sinks", None) is not None for l in layers)
-        if self.fast is None and sinks:  # only the eager static path has them
-            self.fast = "attention sinks"
-        elif self.fast is None and moe:  # routed experts: data-dependent, no CUDA graph
-            self.fast = "MoE layers"
-        elif self.fast is None and any(l.self_attn.o_proj.bias is not None for l in layers):
-            self.fast = "output-projection bias"
         self.kind = self.static or ", ".join(
             ["MoE" if moe else "dense", "sliding-window layers" if self.sliding else "full attention"]
             + (["attention sinks"] if sinks else []))
+
+    @staticmethod
+    def _fast_reason(layers) -> str | None:
+        """What the fused path cannot run in layers the static engine runs: MLPs other than a
+        bias-free SwiGLU or an MoE block of ``cuda.moe`` (Qwen3-MoE, GPT-OSS). Attention
+        sinks and q/k/v/o biases it runs."""
+        for layer in layers:
+            if not fusable_mlp(layer.mlp):
+                return "MLP biases" if hasattr(layer.mlp, "gate_proj") else "MoE layers"
+        return None
 
     @staticmethod
     def _static_reason(model, cfg, types) -> str | None:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..model.ops import rope, rope_cos_sin
-from .graphs import FusedLayer, GraphCache, maybe_compile, post_attention, pre_attention
+from .graphs import (FusedLayer, GraphCache, attention_residual, maybe_compile, post_attention,
+                     pre_attention)
 from .cuda.kernels import attention_supported, decode_attention, linear
 from .cuda.layer import fused_layers, layer_kernels_enabled, layer_supported
 
@@ -104,6 +105,9 @@ class StaticTargetEngine:
                                  for l in self.layers]
             self._pre = maybe_compile(pre_attention, compile)
             self._post = maybe_compile(post_attention, compile)
+            self._attn_res = maybe_compile(attention_residual, compile)
+            # the Triton layer chain runs dense layers only (MoE layers: per-layer path)
+            self._chain = all(fl.moe is None for fl in self.fused_layers)
         self.graphs = graphs
         self._graphed = GraphCache(lambda ids, pos: self._forward(ids, pos, None), graphs)
 
@@ -128,7 +132,7 @@ class StaticTargetEngine:
         kv_len = self.capacity if kv_len is None else kv_len
         h = self.embed(input_ids)
         # Decode-sized graph steps: the whole layer in Triton kernels (dflash/layer_kernels.py).
-        if (self.fused and whole_buffer and layer_kernels_enabled()
+        if (self.fused and whole_buffer and layer_kernels_enabled() and self._chain
                 and layer_supported(self.fused_layers[0], h[0], self.k_cache[0], self.cos)):
             x, captured = fused_layers(h[0], self.fused_layers, self.norm.weight, positions,
                                        positions, self.k_cache, self.v_cache, self.cos, self.sin,
@@ -167,12 +171,12 @@ class StaticTargetEngine:
             self.k_cache[i].index_copy_(2, cache_slots, k)
             self.v_cache[i].index_copy_(2, cache_slots, v)
             win = self.windows[i]
-            if self.sinks[i] is not None:
+            if self.fused and whole_buffer and attention_supported(q, self.k_cache[i]):
+                out = decode_attention(q, self.k_cache[i], self.v_cache[i], positions,
+                                       window=win, sinks=self.sinks[i])
+            elif self.sinks[i] is not None:
                 out = _sink_attention(q, self.k_cache[i][:, :, :kv_len],
                                       self.v_cache[i][:, :, :kv_len], masks[win], self.sinks[i])
-            elif self.fused and whole_buffer and attention_supported(q, self.k_cache[i]):
-                out = decode_attention(q, self.k_cache[i], self.v_cache[i], positions,
-                                       window=win)
             elif self.fused and kv_len == t and q.is_cuda and win is None:
                 # A fresh prompt: plain causal attention. cuDNN is skipped because it builds
                 # a new plan (~70 ms) for every prompt length, which lands in TTFT.
@@ -186,10 +190,14 @@ class StaticTargetEngine:
                     q, self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len],
                     attn_mask=masks[win], enable_gqa=self.n_heads != self.n_kv)
                 out = out.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
-            if self.fused:
+            if self.fused and self.fused_layers[i].moe is not None:
+                fl = self.fused_layers[i]
+                h, x = self._attn_res(h, out, fl.wo, fl.ln2, eps=self.eps, bo=fl.bo)
+                h = h + self._moe(layer, fl.moe, x, whole_buffer)
+            elif self.fused:
                 fl = self.fused_layers[i]
                 h = self._post(h, out, fl.wo, fl.ln2, fl.wgu, fl.wd, eps=self.eps,
-                               gu_chunk=fl.gu_chunk)
+                               gu_chunk=fl.gu_chunk, bo=fl.bo)
             else:
                 attn = layer.self_attn
                 h = h + attn.o_proj(out)
@@ -202,6 +210,16 @@ class StaticTargetEngine:
             captured[self._last] = h
         logits = linear(h, self.lm_head.weight) if self.fused else self.lm_head(h)
         return logits, torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
+
+    @staticmethod
+    def _moe(layer, moe, x, whole_buffer):
+        """An MoE layer's MLP on its normed input x [1, T, H]: ``cuda.moe`` (capture-safe)
+        for graph steps and off-GPU; the model's own block for eager CUDA steps (prefill, tree
+        verify: any T, HF's numerics; its routing syncs with the host, no graph sees it)."""
+        if whole_buffer or not x.is_cuda:
+            return moe(x)
+        out = layer.mlp(x)
+        return out[0] if isinstance(out, tuple) else out
 
     def _pre_attention_modules(self, layer, h, cos, sin):
         """The model's own modules (exact HF numerics; used on CPU and by the tests)."""

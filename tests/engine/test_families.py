@@ -14,10 +14,10 @@ from dflash.errors import UserError
 
 # family -> (auto on CPU, auto on CUDA)
 EXPECTED = {
-    "qwen3_sliding": ("static", "fast"), "qwen3_moe": ("static", "static"),
+    "qwen3_sliding": ("static", "fast"), "qwen3_moe": ("static", "fast"),
     "llama3_rope": ("static", "fast"), "qwen3_5": ("hf", "hf"), "qwen3_5_moe": ("hf", "hf"),
     "qwen3_next": ("hf", "hf"), "gemma4": ("hf", "hf"),
-    "gemma4_moe": ("hf", "hf"), "gpt_oss": ("static", "static"),
+    "gemma4_moe": ("hf", "hf"), "gpt_oss": ("static", "fast"),
 }
 _cache = {}
 

@@ -162,7 +162,8 @@ def tuned_table() -> dict[tuple[int, int], tuple[int, ...] | None]:
 
 def heuristic_config(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, int]:
     """Enough programs to fill the GPU a few times over, K split only for narrow outputs."""
-    block_n, block_k = 64, 128
+    block_n = 64
+    block_k = 128 if k % 128 == 0 else 64  # e.g. K = 2880 (gpt-oss): still the skinny kernel
     split = 1
     while (n // block_n) * split < 4 * sms and k % (2 * split * block_k) == 0 and split < 16:
         split *= 2
@@ -231,7 +232,12 @@ if triton is not None:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, except that CUDA decode-sized GEMMs (<= 16 rows) use the skinny kernel."""
+    """``F.linear``, except that CUDA decode-sized GEMMs (<= 16 rows) use the skinny kernel.
+
+    A bias is added after the GEMM on CUDA, so that biased projections (GPT-OSS, Qwen2) take
+    the same row-invariant kernel."""
+    if ENABLED and bias is not None and x.is_cuda:
+        return linear(x, w) + bias
     if ENABLED and bias is None and x.is_cuda:
         lead = x.shape[:-1]
         y = _skinny_linear_op(x.reshape(-1, x.shape[-1]), w)
@@ -310,9 +316,10 @@ if triton is not None:
         tl.store(pl_ptr + base, l_i, mask=live)
 
     @triton.jit
-    def _attn_combine_kernel(po_ptr, pm_ptr, pl_ptr, lim_ptr, out_ptr, T, H,
+    def _attn_combine_kernel(po_ptr, pm_ptr, pl_ptr, lim_ptr, out_ptr, sink_ptr, T, H,
                              G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                             SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+                             SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
+                             SINK: tl.constexpr = False):
         pdl_enter(PDL)
         hk = tl.program_id(0)
         row = tl.program_id(1)
@@ -327,10 +334,16 @@ if triton is not None:
         m = tl.load(pm_ptr + idx, mask=ok, other=float("-inf"))
         l = tl.load(pl_ptr + idx, mask=ok, other=0.0)
         m_max = tl.max(m, axis=0)
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
         d = tl.arange(0, D)
         o = tl.load(po_ptr + idx[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-        out = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        if SINK:  # GPT-OSS: the head's sink logit takes probability mass, adds no value
+            sink = tl.load(sink_ptr + hk * G + g).to(tl.float32)
+            m_top = tl.maximum(m_max, sink)
+            w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_top))
+            out = tl.sum(o * w[:, None], axis=0) / (tl.sum(l * w, axis=0) + tl.exp(sink - m_top))
+        else:
+            w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+            out = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
         tl.store(out_ptr + (t * H + hk * G + g) * D + d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -356,12 +369,14 @@ def attention_chunk(capacity: int) -> int:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      lim: torch.Tensor, scale: float | None = None,
-                     window: int | None = None) -> torch.Tensor:
+                     window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [1, H, T, D], caches [1, Hkv, C, D], lim [T] (last visible slot of each query)
     -> attention output [1, T, H * D] (the layout the output projection wants).
 
     ``window``: a sliding-window layer's width (HF's ``sliding_window``): a query sees only
-    slots lim - window < s <= lim. None/0: full attention (the kernel compiled as before)."""
+    slots lim - window < s <= lim. None/0: full attention (the kernel compiled as before).
+    ``sinks`` [H]: GPT-OSS's per-head sink logits (one more softmax term with no value);
+    None: the combine kernel compiled as before."""
     _, h, t, d = q.shape
     hkv, cap = k_cache.shape[1], k_cache.shape[2]
     g = h // hkv
@@ -378,7 +393,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_N=min(chunk, 128), PDL=pdl, WINDOW=int(window or 0), num_warps=4, num_stages=2,
         **pdl_opts(pdl))
     out = torch.empty((1, t, h * d), device=q.device, dtype=q.dtype)
-    _attn_combine_kernel[(hkv, g * t)](po, pm, pl, lim, out, t, h, G=g, D=d, SPLITS=splits,
+    _attn_combine_kernel[(hkv, g * t)](po, pm, pl, lim, out, sinks if sinks is not None else pm,
+                                       t, h, G=g, D=d, SPLITS=splits,
                                        SPLITS_P2=triton.next_power_of_2(splits), CHUNK=chunk,
-                                       PDL=pdl, num_warps=4, **pdl_opts(pdl))
+                                       PDL=pdl, SINK=sinks is not None, num_warps=4,
+                                       **pdl_opts(pdl))
     return out

@@ -176,8 +176,11 @@ def layer_kernels_enabled() -> bool:
 
 def layer_supported(fl, x: torch.Tensor, k_cache: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether ``fused_layer`` handles this layer: CUDA/Triton, 16-bit, no biases, skinny GEMM
-    configs for all four weights, interleaved gate/up, contiguous [C, D] rotary tables."""
+    configs for all four weights, interleaved gate/up, contiguous [C, D] rotary tables; a
+    dense MLP (an MoE layer, ``fl.moe``, runs on the per-layer fused path)."""
     if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if getattr(fl, "moe", None) is not None:
         return False
     if fl.bqkv is not None or fl.bo is not None or x.shape[-2] > MAX_M or not fl.gu_chunk:
         return False
