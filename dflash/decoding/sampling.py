@@ -151,10 +151,12 @@ def speculative_accept(proposals: torch.Tensor, draft_probs: torch.Tensor,
     accepted = torch.cumprod(accept, dim=0).sum()
     # the row after the accepted prefix; past the last proposal q is 0 (the bonus row is p)
     p_row = target_probs.index_select(0, accepted.reshape(1))
-    q_all = torch.cat([draft_probs.to(target_probs.dtype), torch.zeros_like(p_row)])
-    residual = (p_row - q_all.index_select(0, accepted.reshape(1))).clamp_min(0)
-    # Zero residual mass means p == q there, so acceptance was certain: any row is fine.
-    residual = torch.where(residual.sum() > 0, residual, p_row)
+    residual = p_row
+    if n > 0:
+        q_row = draft_probs.index_select(0, accepted.clamp_max(n - 1).reshape(1))
+        residual = (p_row - q_row * (accepted < n)).clamp_min(0)
+        # Zero residual mass means p == q there, so acceptance was certain: any row is fine.
+        residual = torch.where(residual.sum() > 0, residual, p_row)
     token = sample(residual, generator)  # the race needs no normalisation
     return accepted, token.expand(n + 1)
 
