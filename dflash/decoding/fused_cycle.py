@@ -24,7 +24,8 @@ import os
 
 import torch
 
-from .sampling import filtered_probs, greedy_accept, sample, speculative_accept
+from .sampling import (TOPK_CANDIDATES_MAX, filtered_probs, greedy_accept, sample,
+                       sparse_filtered, speculative_accept)
 
 
 def fused_cycle_enabled() -> bool:
@@ -156,20 +157,26 @@ class SamplingCycle(_CycleGraph):
         seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=device)
         self.gen.manual_seed(int(seed.item()))
 
-    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return filtered_probs(logits, *self.filters)
+    def _law(self, logits: torch.Tensor):
+        """(ids or None, probs): top-k laws sparse over their support, others dense."""
+        t, top_p, top_k = self.filters
+        if 0 < top_k < min(logits.shape[-1], TOPK_CANDIDATES_MAX + 1):
+            return sparse_filtered(logits, t, top_p, top_k)
+        return None, filtered_probs(logits, t, top_p, top_k)
 
     def _cycle(self, b: int, nd: int) -> torch.Tensor:
         pos_all = self.start + self._offs(nd)
         pos = pos_all[:b]
-        q, proposals = None, self.last[:0]
+        proposals = self.last[:0]
         if b > 1:
             d_logits = self.draft._propose_logits(self._block(nd), pos_all, None)[0, :b - 1]
-            q = self._probs(d_logits)
-            proposals = sample(q, self.gen)
+            q_ids, q = self._law(d_logits)
+            proposals = sample(q, self.gen, q_ids)
         t_logits, t_feats = self.target._forward(torch.cat([self.last, proposals])[None], pos,
                                                  None)
-        p = self._probs(t_logits[0])
-        accepted, nxt = speculative_accept(proposals, p[:0] if q is None else q, p, self.gen)
+        p_ids, p = self._law(t_logits[0])
+        if b == 1:
+            q_ids, q = (None if p_ids is None else p_ids[:0]), p[:0]
+        accepted, nxt = speculative_accept(proposals, q, p, self.gen, q_ids, p_ids)
         return self._finish(accepted, proposals, nxt, t_feats, pos)
 

@@ -83,6 +83,51 @@ def choose(logits: torch.Tensor, temperature: float, generator=None, top_p: floa
 
 # Above this many kept tokens, top-k's candidates come from a full sort (topk is slower there).
 TOPK_CANDIDATES_MAX = 4096
+# Rows at least this long are cut into chunks for topk and the tie scan: a few rows of a
+# 152k vocabulary give a GPU too few independent slices otherwise.
+CHUNKED_VOCAB_MIN = 16384
+
+
+def _chunks(vocab: int, k: int = 1) -> int:
+    """How many equal chunks to cut a row into (1: none); each keeps at least 2k entries."""
+    if vocab < CHUNKED_VOCAB_MIN:
+        return 1
+    c = 128
+    while c > 1 and (vocab % c or vocab // c < 2 * k):
+        c //= 2
+    return c
+
+
+def _top_k(x: torch.Tensor, k: int):
+    """(values [n, k] descending, ids [n, k]) of each row's k largest, exact as a set of
+    values (the ids of tokens tied with the k-th value are any of them): the top k of each
+    chunk's top k."""
+    c = _chunks(x.shape[-1], k)
+    if c == 1:
+        return torch.topk(x, k, dim=-1)
+    values, ids = torch.topk(x.unflatten(-1, (c, -1)), k, dim=-1)
+    ids = ids + (torch.arange(c, device=x.device) * (x.shape[-1] // c))[:, None]
+    values, pick = torch.topk(values.flatten(-2), k, dim=-1)
+    return values, ids.flatten(-2).gather(-1, pick)
+
+
+def _prefix_length(values: torch.Tensor, top_p: float) -> torch.Tensor:
+    """How many of the sorted kept ``values`` [n, k] top-p keeps ([n, 1]); the same float ops
+    as probs_at on the same values, so the same count."""
+    if top_p >= 1.0:
+        return torch.full_like(values[..., :1], values.shape[-1], dtype=torch.int64)
+    kept = torch.softmax(values, dim=-1)
+    return ((kept.cumsum(dim=-1) - kept) < top_p).sum(dim=-1, keepdim=True)
+
+
+def _row_cumsum(mask: torch.Tensor) -> torch.Tensor:
+    """Inclusive count of set entries along each row, by chunk scans plus chunk offsets."""
+    c = _chunks(mask.shape[-1])
+    if c == 1:
+        return mask.cumsum(dim=-1, dtype=torch.int32)
+    parts = mask.unflatten(-1, (c, -1)).cumsum(dim=-1, dtype=torch.int32)
+    totals = parts[..., -1]
+    return (parts + (totals.cumsum(dim=-1, dtype=torch.int32) - totals)[..., None]).flatten(-2)
 
 
 def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
@@ -100,27 +145,63 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
         return torch.softmax(scaled, dim=-1)
     k = top_k if 0 < top_k < vocab else vocab
     if k <= TOPK_CANDIDATES_MAX:
-        values = torch.topk(scaled, k, dim=-1).values
+        values = _top_k(scaled, k)[0]
     else:
         values = torch.sort(scaled, dim=-1, descending=True).values[..., :k]
-    length = torch.full_like(values[..., :1], k, dtype=torch.int64)
-    if top_p < 1.0:  # the same float ops as probs_at on the same values: the same length
-        kept = torch.softmax(values, dim=-1)
-        length = ((kept.cumsum(dim=-1) - kept) < top_p).sum(dim=-1, keepdim=True)
+    length = _prefix_length(values, top_p)
     edge = values.gather(-1, length - 1)  # the last kept value
     above = (values > edge).sum(dim=-1, keepdim=True)
     tied = scaled == edge
-    keep = (scaled > edge) | (tied & (tied.cumsum(dim=-1) <= length - above))
+    keep = (scaled > edge) | (tied & (_row_cumsum(tied) <= length - above))
     return torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)
 
 
-def sample(probs: torch.Tensor, generator=None) -> torch.Tensor:
+def sparse_filtered(logits: torch.Tensor, temperature: float, top_p: float, top_k: int):
+    """The law of :func:`probs_at` for 0 < ``top_k`` <= TOPK_CANDIDATES_MAX (and any top_p)
+    on its support only: (ids [n, 2k], probs [n, 2k]), zero-probability slots' ids
+    meaningless. Beyond topk, two passes over the vocabulary (the tie test at the edge and a
+    topk of the tied ids), no softmax, sort or random numbers over it; graph-capturable.
+
+    Kept: the candidates above the prefix's last value (all of them are among topk's) and the
+    lowest ids tied with it (topk of ``-id`` over the tied tokens), as in
+    :func:`filtered_probs`. 16-bit logits are compared as they are (dividing them by T in
+    float32 merges no two values), others after the division, as probs_at does."""
+    vocab = logits.shape[-1]
+    k = top_k
+    short = logits.element_size() == 2
+    ref = logits if short else logits.float() / temperature
+    ref_values, ids = _top_k(ref, k)
+    values = ref_values.float() / temperature if short else ref_values
+    length = _prefix_length(values, top_p)
+    edge = ref_values.gather(-1, length - 1)
+    above = ref_values > edge
+    need = length - above.sum(dim=-1, keepdim=True)  # how many tied with the edge are kept
+    neg_ids = -torch.arange(vocab, device=logits.device, dtype=torch.int32)
+    tied = torch.where(ref == edge, neg_ids, torch.iinfo(torch.int32).min)
+    tied_ids = -_top_k(tied, k)[0].long()  # ascending ids
+    slots = torch.arange(k, device=logits.device)
+    edge_value = values.gather(-1, length - 1)
+    weights = torch.cat([values.masked_fill(~above, -math.inf),
+                         edge_value.expand(-1, k).masked_fill(slots >= need, -math.inf)], dim=-1)
+    return torch.cat([ids, tied_ids], dim=-1), torch.softmax(weights, dim=-1)
+
+
+def sample(probs: torch.Tensor, generator=None, ids: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row of ``probs`` [..., V] (any nonnegative weights, unnormalised is fine)
     by the exponential race ``argmax(p / E)``, E ~ Exp(1) i.i.d.: exact for a categorical,
-    no host sync (``torch.multinomial`` checks its input on the host), graph-capturable."""
+    no host sync (``torch.multinomial`` checks its input on the host), graph-capturable.
+    ``ids``: the token of each slot of a sparse row (:func:`sparse_filtered`)."""
     race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)
     # E = 0 would make 0/0 = NaN, which argmax takes for the maximum
-    return (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+    pick = (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+    return pick if ids is None else ids.gather(-1, pick[..., None])[..., 0]
+
+
+def _mass_at(probs: torch.Tensor, ids: torch.Tensor | None, tokens: torch.Tensor):
+    """Row i's probability of ``tokens[i]``: probs [n, V] dense, or sparse over ``ids``."""
+    if ids is None:
+        return probs.gather(-1, tokens[:, None])[:, 0]
+    return (probs * (ids == tokens[:, None])).sum(dim=-1)
 
 
 def greedy_accept(proposals: torch.Tensor, target_logits: torch.Tensor):
@@ -132,7 +213,8 @@ def greedy_accept(proposals: torch.Tensor, target_logits: torch.Tensor):
 
 
 def speculative_accept(proposals: torch.Tensor, draft_probs: torch.Tensor,
-                       target_probs: torch.Tensor, generator=None):
+                       target_probs: torch.Tensor, generator=None, draft_ids=None,
+                       target_ids=None):
     """Standard speculative sampling over one block, exact for the target distribution.
 
     proposals [b-1] drawn from draft_probs [b-1, V]; target_probs [b, V] (row i is the target
@@ -141,23 +223,30 @@ def speculative_accept(proposals: torch.Tensor, draft_probs: torch.Tensor,
     sample ``max(0, p - q)`` at the first rejection, or a bonus sample from the last row when
     all are accepted. Only that row is drawn (every entry holds the same token). Device ops
     only (the fused sampling cycle captures it); b = 1 is a plain sample of the one row.
+    ``draft_ids``/``target_ids`` (both or neither): the rows are sparse over these tokens
+    (:func:`sparse_filtered`); the residual lives on p's support, so it stays sparse.
     """
     n = proposals.shape[0]
-    idx = torch.arange(n, device=proposals.device)
-    p_x = target_probs[idx, proposals]
-    q_x = draft_probs[idx, proposals]
+    p_x = _mass_at(target_probs[:n], None if target_ids is None else target_ids[:n], proposals)
+    q_x = _mass_at(draft_probs, draft_ids, proposals)
     u = torch.rand(n, device=proposals.device, generator=generator)
     accept = (u * q_x < p_x).to(torch.int64)  # u < p/q without dividing by zero
     accepted = torch.cumprod(accept, dim=0).sum()
     # the row after the accepted prefix; past the last proposal q is 0 (the bonus row is p)
-    p_row = target_probs.index_select(0, accepted.reshape(1))
+    row = accepted.reshape(1)
+    p_row = target_probs.index_select(0, row)
+    p_ids = None if target_ids is None else target_ids.index_select(0, row)
     residual = p_row
     if n > 0:
-        q_row = draft_probs.index_select(0, accepted.clamp_max(n - 1).reshape(1))
-        residual = (p_row - q_row * (accepted < n)).clamp_min(0)
+        q_sel = accepted.clamp_max(n - 1).reshape(1)
+        q_row = draft_probs.index_select(0, q_sel) * (accepted < n)
+        if p_ids is not None:  # q's mass at each of p's slots
+            same = draft_ids.index_select(0, q_sel)[:, None, :] == p_ids[:, :, None]
+            q_row = (q_row[:, None, :] * same).sum(dim=-1)
+        residual = (p_row - q_row).clamp_min(0)
         # Zero residual mass means p == q there, so acceptance was certain: any row is fine.
         residual = torch.where(residual.sum() > 0, residual, p_row)
-    token = sample(residual, generator)  # the race needs no normalisation
+    token = sample(residual, generator, p_ids)[0]  # the race needs no normalisation
     return accepted, token.expand(n + 1)
 
 

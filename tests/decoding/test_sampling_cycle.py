@@ -4,7 +4,8 @@ CPU graph mode runs the cycle eagerly with the same fixed shapes as its CUDA gra
 emitted tokens must follow the filtered target law exactly (chi-square p > 1e-3 and TV under
 3x its expected size, fixed seeds, the exact laws of ``test_filtered_sampling``) at b = 1, 4
 and 16, with and without top-p / top-k; the same seed gives the same tokens; the cheaper
-filter (``filtered_probs``) keeps exactly ``probs_at``'s set, ties and T != 1 included.
+filters (``filtered_probs``, and ``sparse_filtered`` for top-k) keep exactly ``probs_at``'s
+set, ties and T != 1 included.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from dflash.decoding import sampling
 from dflash.decoding.fused_cycle import SamplingCycle
 from dflash.decoding.loop import SpeculativeDecoder
-from dflash.decoding.sampling import filtered_probs, probs_at, sample
+from dflash.decoding.sampling import filtered_probs, probs_at, sample, sparse_filtered
 from dflash.model.toy import make_random_draft, make_random_target
 from tests.decoding.test_filtered_sampling import (ALPHA, PROMPT, SETTINGS, VOCAB, chi2_pvalue,
                                                    exact_laws, tv_bound, tv_distance)
@@ -87,20 +88,34 @@ def _tied_logits(gen, rows, vocab, scale):
 @pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
 def test_filtered_probs_keeps_probs_at_set(temperature, monkeypatch):
     """Same kept set as probs_at (exactly) and the same law (up to float rounding), on the
-    top-k path, the values-sort path (TOPK_CANDIDATES_MAX lowered) and without filters."""
+    top-k path, the values-sort path (TOPK_CANDIDATES_MAX lowered), the chunked topk and tie
+    scan (CHUNKED_VOCAB_MIN lowered) and without filters."""
     gen = torch.Generator().manual_seed(int(temperature * 10))
-    vocab = 50
+    vocab = 48  # 2, 4, 8 or 16 chunks, depending on k
     for dtype in (torch.float32, torch.bfloat16):
         logits = _tied_logits(gen, 12, vocab, 1.5).to(dtype)
         for top_k in (0, 1, 3, 7, 20, vocab - 1, vocab, vocab + 5):
             for top_p in (1.0, 0.95, 0.5, 0.1, 1e-9):
-                for limit in (sampling.TOPK_CANDIDATES_MAX, 4):
+                for limit, chunked in ((sampling.TOPK_CANDIDATES_MAX, 10 ** 9), (4, 10 ** 9),
+                                       (sampling.TOPK_CANDIDATES_MAX, 8)):
                     monkeypatch.setattr(sampling, "TOPK_CANDIDATES_MAX", limit)
+                    monkeypatch.setattr(sampling, "CHUNKED_VOCAB_MIN", chunked)
                     ref = probs_at(logits, temperature, top_p, top_k)
                     got = filtered_probs(logits, temperature, top_p, top_k)
-                    case = (dtype, top_k, top_p, limit)
+                    case = (dtype, top_k, top_p, limit, chunked)
                     assert torch.equal(got > 0, ref > 0), case
                     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=str(case))
+                    if 0 < top_k < vocab:
+                        got = _dense(*sparse_filtered(logits, temperature, top_p, top_k), vocab)
+                        assert torch.equal(got > 0, ref > 0), ("sparse",) + case
+                        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6,
+                                                   msg=str(("sparse",) + case))
+
+
+def _dense(ids, probs, vocab):
+    """A sparse law (ids, probs) as a dense [n, vocab] one; zero slots' ids are ignored."""
+    ids = torch.where(probs > 0, ids, 0)
+    return torch.zeros(probs.shape[0], vocab).scatter_add_(-1, ids, probs)
 
 
 def test_race_sample_law():
