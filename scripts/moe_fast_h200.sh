@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 23: Qwen3-MoE and GPT-OSS on the fast CUDA engine, in one device call (<= 8 min):
+# Issue 23: Qwen3-MoE and GPT-OSS on the fast CUDA engine, in one device call (~7 min):
 #   1. CUDA tests: tests/engine/test_moe_fast.py (MoE kernels vs the torch twin, row
 #      invariance, sinks in decode_attention, fast engine spec == AR / == generate),
 #      test_family_lossless.py and test_fast_engine.py (nothing else regressed);
@@ -29,9 +29,10 @@ run() {  # name, timeout, command...
   grep -v -i warn "$OUT/$name.log" | tail -n 25
 }
 run tests_moe 150 $PY -m pytest -q -rs -x tests/engine/test_moe_fast.py
-run tests_families_fast 150 $PY -m pytest -q -rs tests/engine/test_family_lossless.py \
-  tests/engine/test_fast_engine.py tests/engine/test_families.py
-run families 240 $PY -m dflash.bench.families --family qwen3_moe,gpt_oss --iters 15 \
+run tests_fast_engine 120 $PY -m pytest -q -rs tests/engine/test_fast_engine.py \
+  tests/engine/test_families.py
+run tests_family_lossless 180 $PY -m pytest -q -rs tests/engine/test_family_lossless.py
+run families 200 $PY -m dflash.bench.families --family qwen3_moe,gpt_oss --iters 15 \
   --loop-tokens 24 --check-tokens 32 --json "$OUT/families.json"
 if [[ -f "$OUT/families.json" ]]; then
   $PY - "$OUT/families.json" <<'PYEOF' | tee -a "$SUMMARY"

@@ -98,7 +98,7 @@ class MoEWeights:
 
 def route(x: torch.Tensor, mw: MoEWeights):
     """x [T, H] -> (expert ids [T, k], routing weights [T, k] in x's dtype), as HF routes."""
-    logits = linear(x, mw.router_w)  # the bias added apart: row invariant on CUDA
+    logits = _router_logits(x, mw.router_w)
     if mw.router_b is not None:
         logits = logits + mw.router_b
     if mw.kind == "qwen3":  # softmax over all experts (float32), top-k, renormalised
@@ -109,6 +109,23 @@ def route(x: torch.Tensor, mw: MoEWeights):
         return ids, top.to(logits.dtype)
     top, ids = torch.topk(logits, mw.top_k, dim=-1)  # GPT-OSS: top-k logits, softmax over k
     return ids, torch.softmax(top, dim=-1, dtype=top.dtype)
+
+
+def _router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T, row invariant on CUDA (the bias is added apart): the skinny GEMM in 16-bit;
+    in float32 (which it does not take, and cuBLAS picks kernels by M) the down kernel with
+    every token routed to one 'expert' w, exact fp32 products."""
+    if x.dtype != torch.float32 or not kernel_supported(x, None):
+        return linear(x, w)
+    t, n, k = x.shape[0], w.shape[0], w.shape[1]
+    bn, bk = block_config(n, k, 1, 0)
+    ids = torch.zeros((t, 1), device=x.device, dtype=torch.int32)
+    out = torch.empty((t, n), device=x.device, dtype=torch.float32)
+    w3 = w[None]
+    _moe_down_kernel[(1, triton.cdiv(n, bn))](
+        x.contiguous(), ids, w3, w3, out, t, n, k, w3.stride(0), w3.stride(1), w3.stride(2), 0,
+        TOPK=1, TOPK_P2=2, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, IEEE=True, num_warps=4)
+    return out
 
 
 def _activation(gate, up, mw: MoEWeights):
@@ -142,10 +159,10 @@ def moe_torch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mw: MoE
     return out.to(x.dtype)
 
 
-def kernel_supported(x: torch.Tensor, mw: MoEWeights) -> bool:
+def kernel_supported(x: torch.Tensor, mw: MoEWeights | None) -> bool:
     return (triton is not None and x.is_cuda and x.shape[0] <= MAX_T
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and mw.w_gu.dtype == x.dtype and mw.w_d.dtype == x.dtype)
+            and (mw is None or mw.w_gu.dtype == x.dtype and mw.w_d.dtype == x.dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -274,7 +291,7 @@ def moe_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mw: Mo
     sms = _sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
         if x.is_cuda else 132  # (the Triton interpreter runs on CPU tensors)
     ieee = x.dtype == torch.float32
-    kp2 = triton.next_power_of_2(k)
+    kp2 = max(2, triton.next_power_of_2(k))
     act = torch.empty((t * k, inter), device=x.device, dtype=x.dtype)
     bn, bk = block_config(inter, h, k, sms)
     w, b = mw.w_gu, mw.b_gu
