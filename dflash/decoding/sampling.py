@@ -83,32 +83,13 @@ def choose(logits: torch.Tensor, temperature: float, generator=None, top_p: floa
 
 # Above this many kept tokens, top-k's candidates come from a full sort (topk is slower there).
 TOPK_CANDIDATES_MAX = 4096
-# Rows at least this long are cut into chunks for topk and the tie scan: a few rows of a
-# 152k vocabulary give a GPU too few independent slices otherwise.
-CHUNKED_VOCAB_MIN = 16384
 
 
-def _chunks(vocab: int, k: int = 1) -> int:
-    """How many equal chunks to cut a row into (1: none); each keeps at least 2k entries."""
-    if vocab < CHUNKED_VOCAB_MIN:
-        return 1
-    c = 128
-    while c > 1 and (vocab % c or vocab // c < 2 * k):
-        c //= 2
-    return c
-
-
-def _top_k(x: torch.Tensor, k: int):
-    """(values [n, k] descending, ids [n, k]) of each row's k largest, exact as a set of
-    values (the ids of tokens tied with the k-th value are any of them): the top k of each
-    chunk's top k."""
-    c = _chunks(x.shape[-1], k)
-    if c == 1:
-        return torch.topk(x, k, dim=-1)
-    values, ids = torch.topk(x.unflatten(-1, (c, -1)), k, dim=-1)
-    ids = ids + (torch.arange(c, device=x.device) * (x.shape[-1] // c))[:, None]
-    values, pick = torch.topk(values.flatten(-2), k, dim=-1)
-    return values, ids.flatten(-2).gather(-1, pick)
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim from reductions that spread a long row over the whole GPU
+    (torch.softmax gives each row one block: ~40 us for one 152k row on an H200)."""
+    e = (x - x.amax(dim=-1, keepdim=True)).exp_()
+    return e / e.sum(dim=-1, keepdim=True)
 
 
 def _prefix_length(values: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -118,16 +99,6 @@ def _prefix_length(values: torch.Tensor, top_p: float) -> torch.Tensor:
         return torch.full_like(values[..., :1], values.shape[-1], dtype=torch.int64)
     kept = torch.softmax(values, dim=-1)
     return ((kept.cumsum(dim=-1) - kept) < top_p).sum(dim=-1, keepdim=True)
-
-
-def _row_cumsum(mask: torch.Tensor) -> torch.Tensor:
-    """Inclusive count of set entries along each row, by chunk scans plus chunk offsets."""
-    c = _chunks(mask.shape[-1])
-    if c == 1:
-        return mask.cumsum(dim=-1, dtype=torch.int32)
-    parts = mask.unflatten(-1, (c, -1)).cumsum(dim=-1, dtype=torch.int32)
-    totals = parts[..., -1]
-    return (parts + (totals.cumsum(dim=-1, dtype=torch.int32) - totals)[..., None]).flatten(-2)
 
 
 def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
@@ -142,18 +113,18 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
     scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
     vocab = scaled.shape[-1]
     if not filters_active(vocab, top_p, top_k):
-        return torch.softmax(scaled, dim=-1)
+        return _softmax(scaled)
     k = top_k if 0 < top_k < vocab else vocab
     if k <= TOPK_CANDIDATES_MAX:
-        values = _top_k(scaled, k)[0]
+        values = torch.topk(scaled, k, dim=-1).values
     else:
         values = torch.sort(scaled, dim=-1, descending=True).values[..., :k]
     length = _prefix_length(values, top_p)
     edge = values.gather(-1, length - 1)  # the last kept value
     above = (values > edge).sum(dim=-1, keepdim=True)
     tied = scaled == edge
-    keep = (scaled > edge) | (tied & (_row_cumsum(tied) <= length - above))
-    return torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)
+    keep = (scaled > edge) | (tied & (tied.cumsum(dim=-1) <= length - above))
+    return _softmax(scaled.masked_fill(~keep, -math.inf))
 
 
 def sparse_filtered(logits: torch.Tensor, temperature: float, top_p: float, top_k: int):
@@ -162,7 +133,8 @@ def sparse_filtered(logits: torch.Tensor, temperature: float, top_p: float, top_
     meaningless. Beyond topk, two passes over the vocabulary (the tie test at the edge and a
     topk of the tied ids), no softmax, sort or random numbers over it; graph-capturable.
 
-    Kept: the candidates above the prefix's last value (all of them are among topk's) and the
+    Kept: the candidates above the prefix's last value (all of them are among topk's, whose
+    ids for the tokens tied with its k-th value may be any of them) and the
     lowest ids tied with it (topk of ``-id`` over the tied tokens), as in
     :func:`filtered_probs`. 16-bit logits are compared as they are (dividing them by T in
     float32 merges no two values), others after the division, as probs_at does."""
@@ -170,7 +142,7 @@ def sparse_filtered(logits: torch.Tensor, temperature: float, top_p: float, top_
     k = top_k
     short = logits.element_size() == 2
     ref = logits if short else logits.float() / temperature
-    ref_values, ids = _top_k(ref, k)
+    ref_values, ids = torch.topk(ref, k, dim=-1)
     values = ref_values.float() / temperature if short else ref_values
     length = _prefix_length(values, top_p)
     edge = ref_values.gather(-1, length - 1)
@@ -178,7 +150,7 @@ def sparse_filtered(logits: torch.Tensor, temperature: float, top_p: float, top_
     need = length - above.sum(dim=-1, keepdim=True)  # how many tied with the edge are kept
     neg_ids = -torch.arange(vocab, device=logits.device, dtype=torch.int32)
     tied = torch.where(ref == edge, neg_ids, torch.iinfo(torch.int32).min)
-    tied_ids = -_top_k(tied, k)[0].long()  # ascending ids
+    tied_ids = -torch.topk(tied, k, dim=-1).values.long()  # ascending ids
     slots = torch.arange(k, device=logits.device)
     edge_value = values.gather(-1, length - 1)
     weights = torch.cat([values.masked_fill(~above, -math.inf),

@@ -88,21 +88,18 @@ def _tied_logits(gen, rows, vocab, scale):
 @pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
 def test_filtered_probs_keeps_probs_at_set(temperature, monkeypatch):
     """Same kept set as probs_at (exactly) and the same law (up to float rounding), on the
-    top-k path, the values-sort path (TOPK_CANDIDATES_MAX lowered), the chunked topk and tie
-    scan (CHUNKED_VOCAB_MIN lowered) and without filters."""
+    top-k path, the values-sort path (TOPK_CANDIDATES_MAX lowered) and without filters."""
     gen = torch.Generator().manual_seed(int(temperature * 10))
-    vocab = 48  # 2, 4, 8 or 16 chunks, depending on k
+    vocab = 48
     for dtype in (torch.float32, torch.bfloat16):
         logits = _tied_logits(gen, 12, vocab, 1.5).to(dtype)
         for top_k in (0, 1, 3, 7, 20, vocab - 1, vocab, vocab + 5):
             for top_p in (1.0, 0.95, 0.5, 0.1, 1e-9):
-                for limit, chunked in ((sampling.TOPK_CANDIDATES_MAX, 10 ** 9), (4, 10 ** 9),
-                                       (sampling.TOPK_CANDIDATES_MAX, 8)):
+                for limit in (sampling.TOPK_CANDIDATES_MAX, 4):
                     monkeypatch.setattr(sampling, "TOPK_CANDIDATES_MAX", limit)
-                    monkeypatch.setattr(sampling, "CHUNKED_VOCAB_MIN", chunked)
                     ref = probs_at(logits, temperature, top_p, top_k)
                     got = filtered_probs(logits, temperature, top_p, top_k)
-                    case = (dtype, top_k, top_p, limit, chunked)
+                    case = (dtype, top_k, top_p, limit)
                     assert torch.equal(got > 0, ref > 0), case
                     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=str(case))
                     if 0 < top_k < vocab:
