@@ -1,4 +1,4 @@
-"""The greedy decoding cycle of graph mode, captured whole: one CUDA graph per block size.
+"""The decoding cycle of graph mode, captured whole: one CUDA graph per block size.
 
 With a small pair a cycle is host-bound: the unfused loop launches a draft graph, a verify
 graph and a context-append graph, each after copying its inputs, plus ~15 small tensor ops
@@ -7,16 +7,18 @@ waits. Here the whole cycle (block, draft, proposals, verify, acceptance, contex
 the next cycle's anchor token and position) is one graph per (block size, drafted size, with
 or without a draft), replayed with one launch. The anchor token and its position live in
 device tensors that the graph itself advances, so a replay copies no inputs; the host reads
-the packed result once per cycle, as before. It runs the same kernels in the same order as
-the unfused path, so the tokens are bitwise the same. Off the GPU it runs eagerly (the CPU
-graph-mode tests use it); ``DFLASH_FUSED_CYCLE=0`` turns it off.
+the packed result once per cycle, as before. Greedy (:class:`GreedyCycle`) runs the same
+kernels in the same order as the unfused path, so the tokens are bitwise the same. Off the
+GPU it runs eagerly (the CPU graph-mode tests use it); ``DFLASH_FUSED_CYCLE=0`` turns it off.
 
 Sampling (temperature > 0, DFlash 1 drafts or none) has its own cycle graph,
 :class:`SamplingCycle`: filtered draft distribution q, proposals drawn from it, verify,
 filtered target distribution p, exact acceptance and the residual/bonus draw, all on the
-device. Its randomness comes from a CUDA generator of its own, registered with every graph so
-that each replay draws fresh numbers, and seeded from the caller's generator once per
-generation: the same seed gives the same tokens.
+device. Its randomness comes from a generator of its own, registered with every CUDA graph so
+that each replay draws fresh numbers, and seeded from the caller's generator (or the default
+one) once per generation: the same seed gives the same tokens (not the unfused loop's: the
+law is the same, the draws differ). Top-k laws are kept sparse over their support
+(``sampling.sparse_filtered``), so only two topk passes touch the whole vocabulary.
 """
 from __future__ import annotations
 
