@@ -131,9 +131,11 @@ def test_decode_shapes_tiny_qwen3_and_draft():
 def test_decode_shapes_skip_moe_experts():
     from tests.engine.families import make_family_target
 
-    model = make_family_target("qwen3_moe", dtype=torch.float32)
-    roles = set().union(*(s.roles for s in autotune.decode_shapes([model])))
-    assert roles == {"qkv", "o", "lm_head"}  # experts are 3-D; the router is no gate_proj
+    for family in ("qwen3_moe", "gpt_oss"):
+        shapes = autotune.decode_shapes([make_family_target(family, dtype=torch.float32)])
+        roles = {s.key: s.roles for s in shapes}
+        assert set().union(*roles.values()) == {"qkv", "o", "lm_head", "router"}, family
+        assert roles[(4, 64)] == {"router"}  # 4 experts x hidden 64; experts (3-D) skipped
 
 
 # ----------------------------------------------------------------------------- selection
@@ -169,9 +171,10 @@ def test_cublas_taken_only_when_over_3_percent_faster(cublas, wins):
 
 
 def test_layer_gemm_never_cublas():
-    o = autotune.GemmShape(4096, 4096, {"o"}, 36)
-    cfg, done = autotune.tune_shape(o, 132, fake_timer(cublas=1.0), float("inf"))
-    assert done and cfg is not None
+    for role in ("o", "router"):
+        shape = autotune.GemmShape(4096, 4096, {role}, 36)
+        cfg, done = autotune.tune_shape(shape, 132, fake_timer(cublas=1.0), float("inf"))
+        assert done and cfg is not None
 
 
 def test_failing_configs_fall_back_to_cublas():

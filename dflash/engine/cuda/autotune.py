@@ -39,9 +39,10 @@ SPLITS = (1, 2, 4, 8, 16)
 COARSE = 24  # (tile, split) pairs timed first; then warps/stages around the best two
 # Roles (see decode_shapes). q/k/v and gate/up run unsplit in the fused layer (layer._gemm),
 # gate/up also needs whole gate/up chunk pairs (layer.gate_up_chunk); a None (cuBLAS) config
-# for any layer GEMM would turn the whole fused layer off, which costs more than it gains.
+# for any layer GEMM would turn the whole fused layer off, which costs more than it gains, and
+# for the MoE router it would lose row invariance (cuBLAS picks kernels by M: routing by block).
 UNSPLIT = {"qkv", "gate_up"}
-LAYER = {"qkv", "o", "gate_up", "down"}
+KEEP_TRITON = {"qkv", "o", "gate_up", "down", "router"}
 
 _tables: dict[str, dict] = {}  # cache file -> its configs, as this process knows them
 _attempted: set[tuple[str, int, int]] = set()  # (gpu, N, K) tuned (or tried) in this process
@@ -83,7 +84,10 @@ def _layer_weights(layer):
     for role, mods in (("qkv", get(attn, "q_proj", "k_proj", "v_proj")),
                        ("o", get(attn, "o_proj")),
                        ("gate_up", get(mlp, "gate_proj", "up_proj")),
-                       ("down", get(mlp, "down_proj"))):
+                       ("down", get(mlp, "down_proj")),
+                       # an MoE block's router (cuda/moe.py; Qwen3: mlp.gate, GPT-OSS: mlp.router)
+                       ("router", [] if hasattr(mlp, "gate_proj") else
+                        [getattr(mlp, "gate", None) or getattr(mlp, "router", None)])):
         shape = _rows(*mods)
         if shape:
             yield role, shape
@@ -305,7 +309,7 @@ def tune_shape(shape: GemmShape, sms: int, timer, deadline: float, prior=None):
     best = min(scores, key=scores.get, default=None)
     if best is None or scores[best] == math.inf:
         return None, True  # nothing compiles or computes right here: cuBLAS
-    if shape.roles & LAYER:
+    if shape.roles & KEEP_TRITON:
         return best, True
     cublas = [timer(None, m) for m in MS]
     if None not in cublas and sum(cublas) * CUBLAS_MARGIN < scores[best]:
