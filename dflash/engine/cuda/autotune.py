@@ -410,7 +410,7 @@ def tune_shapes(shapes: list[GemmShape], device, dtype=torch.bfloat16, *, force:
         return {}
     _attempted.update((gpu, *s.key) for s in todo)  # once per process: configs stay put in a run
     budget = _budget_s() if budget_s is None else budget_s
-    print(f"tuning {len(todo)} GEMM shape{"s" if len(todo) != 1 else ""} for {gpu} (first use, cached in {cache_path(gpu)})",
+    print(f"tuning {len(todo)} GEMM shape{'s' if len(todo) != 1 else ''} for {gpu} (first use, cached in {cache_path(gpu)})",
           file=sys.stderr, flush=True)
     start = time.monotonic()
     with torch.cuda.device(index):
