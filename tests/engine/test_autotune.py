@@ -197,7 +197,7 @@ def test_tune_shapes_caches_and_config_for_sees_it(fake_gpu, monkeypatch, capsys
     assert kernels.config_for(shape.n, shape.k) == chosen
     assert autotune.cache_path(GPU).exists()
     err = capsys.readouterr().err
-    assert f"tuning 1 GEMM shapes for {GPU} (first use, cached in" in err
+    assert f"tuning 1 GEMM shape for {GPU} (first use, cached in" in err
     assert "tuned 1/1 shapes" in err
 
 
