@@ -455,6 +455,9 @@ def environment_info(device: torch.device) -> dict:
         info["triton_version"] = triton.__version__
     except ImportError:  # CPU wheels of torch ship none
         pass
+    if device.type == "cuda":
+        from ..engine.cuda.autotune import driver_version
+        info["driver_version"] = driver_version()
     if device.type == "cpu":
         info["cpu_name"] = platform.processor() or platform.machine()
         info["torch_threads"] = torch.get_num_threads()
