@@ -26,7 +26,7 @@ run() {  # name, timeout, command...
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   if [[ $rc == 0 ]]; then note "PASS $name"; else note "FAIL $name (exit $rc; see $name.log)"; failed=1; fi
-  grep -v -i warn "$OUT/$name.log" | tail -n 25
+  grep -v -E "Warning|warnings.warn" "$OUT/$name.log" | tail -n 25
 }
 run tests_moe 150 $PY -m pytest -q -rs -x tests/engine/test_moe_fast.py
 run tests_fast_engine 120 $PY -m pytest -q -rs tests/engine/test_fast_engine.py \

@@ -106,8 +106,7 @@ class StaticTargetEngine:
             self._pre = maybe_compile(pre_attention, compile)
             self._post = maybe_compile(post_attention, compile)
             self._attn_res = maybe_compile(attention_residual, compile)
-            # the Triton layer chain runs dense layers only (MoE layers: per-layer path)
-            self._chain = all(fl.moe is None for fl in self.fused_layers)
+            self._chain_ok: dict = {}  # token count -> whether every layer runs in the chain
         self.graphs = graphs
         self._graphed = GraphCache(lambda ids, pos: self._forward(ids, pos, None), graphs)
 
@@ -132,13 +131,14 @@ class StaticTargetEngine:
         kv_len = self.capacity if kv_len is None else kv_len
         h = self.embed(input_ids)
         # Decode-sized graph steps: the whole layer in Triton kernels (dflash/layer_kernels.py).
-        if (self.fused and whole_buffer and layer_kernels_enabled() and self._chain
-                and layer_supported(self.fused_layers[0], h[0], self.k_cache[0], self.cos)):
+        if self.fused and whole_buffer and layer_kernels_enabled() and self._chain(h[0]):
             x, captured = fused_layers(h[0], self.fused_layers, self.norm.weight, positions,
                                        positions, self.k_cache, self.v_cache, self.cos, self.sin,
                                        capture=self._wanted, n_heads=self.n_heads, n_kv=self.n_kv,
                                        head_dim=self.head_dim, eps=self.eps,
-                                       windows=self.windows if self.sliding else None)
+                                       windows=self.windows if self.sliding else None,
+                                       sinks=self.sinks if any(
+                                           s is not None for s in self.sinks) else None)
             feats = torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
             return linear(x, self.lm_head.weight)[None], feats[None]
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
@@ -210,6 +210,14 @@ class StaticTargetEngine:
             captured[self._last] = h
         logits = linear(h, self.lm_head.weight) if self.fused else self.lm_head(h)
         return logits, torch.cat([captured[l] for l in self.feature_layer_ids], dim=-1)
+
+    def _chain(self, x: torch.Tensor) -> bool:
+        """Whether every layer runs in the Triton layer chain at x's token count."""
+        key = (x.shape[0], x.dtype, x.device.type)
+        if key not in self._chain_ok:
+            self._chain_ok[key] = all(layer_supported(fl, x, self.k_cache[0], self.cos)
+                                      for fl in self.fused_layers)
+        return self._chain_ok[key]
 
     @staticmethod
     def _moe(layer, moe, x, whole_buffer):

@@ -32,6 +32,7 @@ import torch
 
 from .kernels import config_for, decode_attention, pdl_opts, triton, use_pdl
 from .dflash2 import chain_conv_supported, conv_finish_residual_norm, conv_prepare
+from .moe import kernel_supported as moe_supported
 
 if triton is not None:
     import triton.language as tl
@@ -176,15 +177,16 @@ def layer_kernels_enabled() -> bool:
 
 def layer_supported(fl, x: torch.Tensor, k_cache: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether ``fused_layer`` handles this layer: CUDA/Triton, 16-bit, no biases, skinny GEMM
-    configs for all four weights, interleaved gate/up, contiguous [C, D] rotary tables; a
-    dense MLP (an MoE layer, ``fl.moe``, runs on the per-layer fused path)."""
+    configs for all four weights (MoE layers: q/k/v and o; the experts in ``moe.py``),
+    interleaved gate/up, contiguous [C, D] rotary tables. Biases are added apart."""
     if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if getattr(fl, "moe", None) is not None:
+    moe = getattr(fl, "moe", None)
+    if x.shape[-2] > MAX_M or (moe is None and not fl.gu_chunk):
         return False
-    if fl.bqkv is not None or fl.bo is not None or x.shape[-2] > MAX_M or not fl.gu_chunk:
+    if moe is not None and not moe_supported(x, moe):
         return False
-    for w in (fl.wqkv, fl.wo, fl.wgu, fl.wd):
+    for w in (fl.wqkv, fl.wo) if moe is not None else (fl.wqkv, fl.wo, fl.wgu, fl.wd):
         if w.dtype != x.dtype or not w.is_contiguous() or config_for(w.shape[0], w.shape[1]) is None:
             return False
     if fl.wqkv.shape[1] % config_for(*fl.wqkv.shape)[1]:  # run unsplit (see _gemm)
@@ -198,22 +200,31 @@ def layer_supported(fl, x: torch.Tensor, k_cache: torch.Tensor, cos: torch.Tenso
 
 
 def fused_layer(h, x1, fl, next_norm, positions, lim, k_cache, v_cache, cos, sin, *, n_heads,
-                n_kv, head_dim, eps, window=None, conv=None):
+                n_kv, head_dim, eps, window=None, conv=None, sinks=None):
     """One decoder layer for T <= 16 tokens: residual h [T, hidden] and its normed input x1 ->
     (new h, norm(new h; next_norm)). Writes this layer's k/v into the caches.
 
     ``lim`` [T]: last cache slot each query sees (its position for a causal target step, the
     block's last position for the draft). ``window``: a sliding-window layer's width.
-    ``conv``: a DFlash 2 layer's (attention, MLP) ``dflash2.ChainConv`` pair."""
+    ``conv``: a DFlash 2 layer's (attention, MLP) ``dflash2.ChainConv`` pair. ``sinks``: the
+    layer's attention sinks (GPT-OSS). An MoE layer (``fl.moe``) runs its MLP through
+    ``moe.py``'s kernels, whose fp32 output is the residual kernel's one partial."""
     if conv is not None:
         return _dflash2_layer(h, x1, fl, next_norm, positions, lim, k_cache, v_cache, cos, sin,
                               conv, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, eps=eps,
                               window=window)
     qkv = _gemm(x1, fl.wqkv)
+    if fl.bqkv is not None:
+        qkv = qkv + fl.bqkv
     q = qk_rope_cache(qkv, positions, cos, sin, fl.qn, fl.kn, k_cache, v_cache, n_heads, n_kv,
                       head_dim, eps)
-    attn = decode_attention(q, k_cache, v_cache, lim, window=window)[0]
-    h, x2 = residual_norm(h, _gemm(attn, fl.wo, partial=True), fl.ln2, eps)
+    attn = decode_attention(q, k_cache, v_cache, lim, window=window, sinks=sinks)[0]
+    part = _gemm(attn, fl.wo, partial=True)
+    if fl.bo is not None:  # the bias as one more (fp32) partial sum
+        part = torch.cat([part, fl.bo.float().expand(1, *part.shape[1:])])
+    h, x2 = residual_norm(h, part, fl.ln2, eps)
+    if fl.moe is not None:
+        return residual_norm(h, fl.moe(x2, out_dtype=torch.float32)[None], next_norm, eps)
     act = _gemm(x2, fl.wgu, swiglu=True)
     return residual_norm(h, _gemm(act, fl.wd, partial=True), next_norm, eps)
 
@@ -243,7 +254,7 @@ def dflash2_chain_supported(convs, x: torch.Tensor) -> bool:
 
 
 def fused_layers(h, layers, final_norm, positions, lim, k_caches, v_caches, cos, sin,
-                 capture=(), windows=None, convs=None, **kw):
+                 capture=(), windows=None, convs=None, sinks=None, **kw):
     """All layers on h [T, hidden] -> (final-normed h, {layer index: residual after it}).
 
     The last layer's entry is the final-normed state (HF's ``hidden_states[L]``, the
@@ -257,7 +268,8 @@ def fused_layers(h, layers, final_norm, positions, lim, k_caches, v_caches, cos,
         nxt = layers[i + 1].ln1 if i < last else final_norm
         win = windows[i] if windows is not None else None
         h, x = fused_layer(h, x, fl, nxt, positions, lim, k_caches[i], v_caches[i], cos, sin,
-                           window=win, conv=convs[i] if convs is not None else None, **kw)
+                           window=win, conv=convs[i] if convs is not None else None,
+                           sinks=sinks[i] if sinks is not None else None, **kw)
         if i in capture:
             captured[i] = x if i == last else h
     return x, captured

@@ -85,14 +85,15 @@ class MoEWeights:
                    d.detach().transpose(1, 2), ex.down_proj_bias.detach(),
                    limit=float(ex.limit), alpha=float(ex.alpha))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H] (normed MLP input) -> the block's output, same shape."""
+    def __call__(self, x: torch.Tensor, out_dtype=None) -> torch.Tensor:
+        """x [..., H] (normed MLP input) -> the block's output, same shape, in ``out_dtype``
+        (default x's; the layer chain takes the fp32 sum before rounding)."""
         x2 = x.reshape(-1, x.shape[-1])
         ids, weights = route(x2, self)
         if kernel_supported(x2, self):
-            out = moe_triton(x2, ids, weights, self)
+            out = moe_triton(x2, ids, weights, self, out_dtype)
         else:
-            out = moe_torch(x2, ids, weights, self)
+            out = moe_torch(x2, ids, weights, self, out_dtype)
         return out.view(x.shape)
 
 
@@ -136,7 +137,8 @@ def _activation(gate, up, mw: MoEWeights):
     return (up + 1) * (gate * torch.sigmoid(gate * mw.alpha))
 
 
-def moe_torch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mw: MoEWeights):
+def moe_torch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mw: MoEWeights,
+              out_dtype=None):
     """The kernels' math in torch: every expert on every token (fixed shapes), fp32 (fp64 for
     fp64 inputs) accumulation, the activation rounded to x's dtype, slots summed in order."""
     acc_t = torch.promote_types(x.dtype, torch.float32)
@@ -156,7 +158,7 @@ def moe_torch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mw: MoE
     out = torch.zeros_like(xf)
     for s in range(mw.top_k):
         out = out + weights[:, s, None].to(acc_t) * ys[ids[:, s], rows]
-    return out.to(x.dtype)
+    return out.to(out_dtype or x.dtype)
 
 
 def kernel_supported(x: torch.Tensor, mw: MoEWeights | None) -> bool:
@@ -281,8 +283,9 @@ if triton is not None:
         tl.store(out_ptr + t * N + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def moe_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mw: MoEWeights):
-    """The three kernels on x [T, H] (T <= 16) -> [T, H] in x's dtype."""
+def moe_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mw: MoEWeights,
+               out_dtype=None):
+    """The three kernels on x [T, H] (T <= 16) -> [T, H] in ``out_dtype`` (x's)."""
     x = x.contiguous()
     t, h = x.shape
     k, n_exp, inter = mw.top_k, mw.n_experts, mw.inter
@@ -308,7 +311,7 @@ def moe_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mw: Mo
         act, ids, w, b if b is not None else w, y, t, h, inter, w.stride(0), w.stride(1),
         w.stride(2), b.stride(0) if b is not None else 0, TOPK=k, TOPK_P2=kp2, BLOCK_N=bn,
         BLOCK_K=bk, HAS_BIAS=b is not None, IEEE=ieee, num_warps=4)
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=out_dtype or x.dtype)
     block = min(1024, triton.next_power_of_2(h))
     _moe_combine_kernel[(t, triton.cdiv(h, block))](y, wt, out, h, TOPK=k, BLOCK=block,
                                                    num_warps=4)
