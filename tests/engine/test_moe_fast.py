@@ -156,6 +156,9 @@ def test_fast_engine_cuda_lossless(family, dtype):
     draft = make_random_draft(target, block_size=16, dtype=dtype).to("cuda").eval()
     dec = SpeculativeDecoder(target, draft, engine="auto")
     assert dec.engine_name == "fast", dec.engines.description
+    if dtype == torch.bfloat16:  # every MoE layer in the (row-invariant) Triton layer chain
+        eng = dec.engines.ensure(64)[0]
+        assert eng._chain(torch.zeros(16, 256, device="cuda", dtype=dtype))
     g = torch.Generator().manual_seed(5)
     for n in (9, 40):
         ids = torch.randint(1, 500, (1, n), generator=g).to("cuda")
