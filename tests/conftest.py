@@ -21,6 +21,9 @@ os.environ["DFLASH_CACHE_DIR"] = os.path.join(_ISOLATED, "dflash")
 os.environ["HF_HOME"] = os.path.join(_ISOLATED, "hf")
 os.environ.pop("HF_HUB_CACHE", None)
 os.environ.pop("HF_DATASETS_CACHE", None)
+# No first-use GEMM tuning on a GPU (up to 50 s per process for the tests' tiny shapes, in
+# the fresh cache above); tests/engine/test_autotune.py turns it back on.
+os.environ.setdefault("DFLASH_AUTOTUNE", "0")
 
 
 @pytest.fixture(scope="session")

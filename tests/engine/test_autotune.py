@@ -13,6 +13,12 @@ from dflash.engine.cuda import autotune, kernels
 GPU = "NVIDIA L40S"
 
 
+@pytest.fixture(autouse=True)
+def tuning_on(monkeypatch):
+    """conftest.py turns first-use tuning off for the rest of the suite; on here."""
+    monkeypatch.delenv("DFLASH_AUTOTUNE", raising=False)
+
+
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """An empty cache dir, fixed versions, no memory of earlier tuning; caches cleared after."""

@@ -62,6 +62,14 @@ def use_pdl(device: torch.device) -> bool:
 def pdl_opts(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
+
+def use_prefetch(pdl: bool, w: torch.Tensor) -> bool:
+    """Prefetch a GEMM program's weights into L2 before its PDL wait (16-bit weights whose
+    rows start 16-byte aligned, as the bulk prefetch needs); DFLASH_PREFETCH=1 (off until
+    measured: docs/PERFORMANCE.md)."""
+    return (pdl and w.element_size() == 2 and w.shape[-1] % 8 == 0 and w.data_ptr() % 16 == 0
+            and os.environ.get("DFLASH_PREFETCH", "0") == "1")
+
 MAX_M = 16
 
 if triton is not None:
@@ -73,9 +81,19 @@ if triton is not None:
             gdc_launch_dependents()
 
     @triton.jit
+    def prefetch_rows_l2(row_ptrs, nbytes):
+        """Start reading ``nbytes`` from each row pointer into L2 (Hopper bulk prefetch; no
+        registers, no result): weights do not depend on the previous kernel, so a program
+        can fetch them while that kernel drains, before ``gdc_wait``."""
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n mov.u32 $0, 0;",
+                                  "=r,l,r", [row_ptrs, nbytes], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+    @triton.jit
     def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PARTIAL: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
+                       PARTIAL: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
+                       PREFETCH: tl.constexpr = False):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -84,6 +102,10 @@ if triton is not None:
         k_start = pid_k * k_per_split
         x_rows = x_ptr + offs_m[:, None] * K
         w_rows = w_ptr + offs_n[:, None] * K
+        if PREFETCH:  # this program's weight slice, row by row (rows past N: the last row)
+            rows = tl.minimum(offs_n, N - 1)
+            nbytes = tl.full((BLOCK_N,), 0, tl.int32) + k_per_split * 2
+            prefetch_rows_l2(w_ptr + rows.to(tl.int64) * K + k_start, nbytes)
         pdl_enter(PDL)  # x is written by the previous kernel
         m_ok = offs_m[:, None] < M
         n_ok = offs_n[:, None] < N

@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from .kernels import config_for, decode_attention, pdl_opts, triton, use_pdl
+from .kernels import config_for, decode_attention, pdl_opts, triton, use_pdl, use_prefetch
 from .dflash2 import chain_conv_supported, conv_finish_residual_norm, conv_prepare
 from .moe import kernel_supported as moe_supported
 
@@ -118,7 +118,8 @@ def _gemm(x, w, *, swiglu: bool = False, partial: bool = False):
         out = torch.empty((m, n // 2 if swiglu else n), device=x.device, dtype=x.dtype)
     _skinny_kernel[grid](x, w, out, m, n, k, k // split, BLOCK_M=MAX_M, BLOCK_N=block_n,
                          BLOCK_K=block_k, PARTIAL=partial, SWIGLU=swiglu, PDL=pdl,
-                         num_warps=warps, num_stages=stages, **pdl_opts(pdl))
+                         PREFETCH=use_prefetch(pdl, w), num_warps=warps, num_stages=stages,
+                         **pdl_opts(pdl))
     return out
 
 
