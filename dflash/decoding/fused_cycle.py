@@ -19,6 +19,14 @@ that each replay draws fresh numbers, and seeded from the caller's generator (or
 one) once per generation: the same seed gives the same tokens (not the unfused loop's: the
 law is the same, the draws differ). Top-k laws are kept sparse over their support
 (``sampling.sparse_filtered``), so only two topk passes touch the whole vocabulary.
+
+On CUDA the sampling cycle runs fused Triton kernels (``dflash.engine.cuda.sampling``: 5
+launches a cycle) for the unfiltered law and for top-k <= its K_MAX with any top-p; their
+randomness is a Philox stream keyed by a device tensor ``rng`` = [seed, counter] that the
+last kernel of each cycle advances (seeded with the generator, saved around the warm-up
+runs). Other filters (top-p alone, larger top-k) keep the torch path, which is also the
+path off the GPU and the oracle. ``DFLASH_SAMPLING_KERNELS=0`` turns the kernels off; ``=1``
+also runs them on CPU tensors under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
 
@@ -26,12 +34,25 @@ import os
 
 import torch
 
+from ..engine.cuda import sampling as sampling_kernels
 from .sampling import (TOPK_CANDIDATES_MAX, filtered_probs, greedy_accept, sample,
                        sparse_filtered, speculative_accept)
 
 
 def fused_cycle_enabled() -> bool:
     return os.environ.get("DFLASH_FUSED_CYCLE", "1") != "0"
+
+
+def sampling_kernels_enabled(rows: torch.Tensor) -> bool:
+    """The sampling cycle's Triton kernels for these logits: on CUDA unless
+    DFLASH_SAMPLING_KERNELS=0; on CPU only with DFLASH_SAMPLING_KERNELS=1 under
+    TRITON_INTERPRET=1."""
+    flag = os.environ.get("DFLASH_SAMPLING_KERNELS")
+    if flag == "0" or sampling_kernels.triton is None:
+        return False
+    if rows.is_cuda:
+        return True
+    return flag == "1" and sampling_kernels.available(rows)
 
 
 class _CycleGraph:
@@ -47,6 +68,7 @@ class _CycleGraph:
         self._offsets: dict[int, torch.Tensor] = {}
         self._pool = None
         self.gen: torch.Generator | None = None  # the cycle's own randomness (sampling)
+        self.rng: torch.Tensor | None = None  # the kernels' [seed, counter] (sampling)
 
     def begin(self, last: torch.Tensor, start: int) -> None:
         """Set the first cycle's anchor token (device tensor, [1]) and position."""
@@ -93,6 +115,7 @@ class _CycleGraph:
         (the generator's too: warm-up draws must not shift the seeded stream)."""
         saved = (self.last.clone(), self.start.clone())
         rng = self.gen.get_state() if self.gen is not None else None
+        counter = self.rng.clone() if self.rng is not None else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -103,6 +126,8 @@ class _CycleGraph:
         torch.cuda.current_stream().wait_stream(stream)
         if rng is not None:
             self.gen.set_state(rng)
+        if counter is not None:
+            self.rng.copy_(counter)
 
     def _capture(self, b: int, nd: int):
         self._warmed(b, nd)
@@ -151,13 +176,17 @@ class SamplingCycle(_CycleGraph):
         super().__init__(target, draft, mask_id, device)
         self.filters = (temperature, top_p, top_k)
         self.gen = torch.Generator(device=device)
+        self.rng = sampling_kernels.new_rng(device)
+        self.kernels_used: str | None = None  # the kernels' law ("dense"/"sparse") once run
 
     def seed(self, generator=None) -> None:
         """Seed this cycle's generator from ``generator`` (or the default one of its device):
         one draw per generation, so a seeded caller gets the same tokens every time."""
         device = generator.device if generator is not None else self.gen.device
         seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=device)
-        self.gen.manual_seed(int(seed.item()))
+        value = int(seed.item())
+        self.gen.manual_seed(value)
+        self.rng.copy_(torch.tensor([value, 0], dtype=torch.int64))
 
     def _law(self, logits: torch.Tensor):
         """(ids or None, probs): top-k laws sparse over their support, others dense."""
@@ -166,19 +195,48 @@ class SamplingCycle(_CycleGraph):
             return sparse_filtered(logits, t, top_p, top_k)
         return None, filtered_probs(logits, t, top_p, top_k)
 
+    def _kernel_mode(self, rows: torch.Tensor) -> str | None:
+        """The kernels' law for these rows, or None for the torch path."""
+        if not sampling_kernels_enabled(rows):
+            return None
+        _, top_p, top_k = self.filters
+        return sampling_kernels.mode(rows.shape[-1], top_p, top_k)
+
     def _cycle(self, b: int, nd: int) -> torch.Tensor:
+        t, top_p, top_k = self.filters
+        ks = sampling_kernels
         pos_all = self.start + self._offs(nd)
         pos = pos_all[:b]
         proposals = self.last[:0]
+        kind = d_logits = lse_q = q_ids = q = None
         if b > 1:
             d_logits = self.draft._propose_logits(self._block(nd), pos_all, None)[0, :b - 1]
-            q_ids, q = self._law(d_logits)
-            proposals = sample(q, self.gen, q_ids)
+            kind = self._kernel_mode(d_logits)
+            if kind is not None and d_logits.stride(-1) != 1:
+                d_logits = d_logits.contiguous()
+            if kind == "dense":
+                proposals, lse_q = ks.dense_propose(d_logits, t, self.rng)
+            elif kind == "sparse":
+                q_ids, q, proposals = ks.sparse_law(d_logits, t, top_p, top_k, self.rng)
+            else:
+                q_ids, q = self._law(d_logits)
+                proposals = sample(q, self.gen, q_ids)
         t_logits, t_feats = self.target._forward(torch.cat([self.last, proposals])[None], pos,
                                                  None)
-        p_ids, p = self._law(t_logits[0])
+        rows = t_logits[0]
         if b == 1:
-            q_ids, q = (None if p_ids is None else p_ids[:0]), p[:0]
-        accepted, nxt = speculative_accept(proposals, q, p, self.gen, q_ids, p_ids)
+            kind = self._kernel_mode(rows)
+        if kind is not None and rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        if kind == "dense":
+            accepted, nxt = ks.dense_accept(rows, proposals, d_logits, lse_q, t, self.rng)
+        elif kind == "sparse":
+            p_ids, p, _ = ks.sparse_law(rows, t, top_p, top_k)
+            accepted, nxt = ks.sparse_accept(proposals, q_ids, q, p_ids, p, self.rng)
+        else:
+            p_ids, p = self._law(rows)
+            if b == 1:
+                q_ids, q = (None if p_ids is None else p_ids[:0]), p[:0]
+            accepted, nxt = speculative_accept(proposals, q, p, self.gen, q_ids, p_ids)
+        self.kernels_used = kind
         return self._finish(accepted, proposals, nxt, t_feats, pos)
-
