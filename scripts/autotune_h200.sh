@@ -28,7 +28,7 @@ import json, subprocess, sys, time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from dflash.engine.cuda import autotune, kernels
+from dflash.engine.cuda import autotune, gemm_configs
 from dflash.model.toy import make_random_draft
 
 COMMON = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -37,7 +37,7 @@ MODELS = {"qwen3-8b": (Qwen3ForCausalLM, Qwen3Config(vocab_size=151936, intermed
                                                       num_hidden_layers=36, **COMMON)),
           "llama-3.1-8b": (LlamaForCausalLM, LlamaConfig(vocab_size=128256, intermediate_size=14336,
                                                           num_hidden_layers=32, **COMMON))}
-report, ok = {"gpu": torch.cuda.get_device_name(), **autotune.versions(), "models": {}}, True
+report, ok = {"gpu": torch.cuda.get_device_name(), **gemm_configs.versions(), "models": {}}, True
 for name, (cls, cfg) in MODELS.items():
     with torch.device("meta"):
         target = cls(cfg).to(torch.bfloat16)
@@ -51,9 +51,9 @@ for name, (cls, cfg) in MODELS.items():
     again = time.monotonic() - t0
     shapes = {}
     for s in autotune.decode_shapes(models):
-        cfg = kernels.config_for(s.n, s.k)
+        cfg = gemm_configs.config_for(s.n, s.k)
         timer = autotune.GpuTimer(s.n, s.k, torch.device("cuda"), torch.bfloat16)
-        heur = kernels.heuristic_config(s.n, s.k, torch.cuda.get_device_properties(0).multi_processor_count)
+        heur = gemm_configs.heuristic_config(s.n, s.k, torch.cuda.get_device_properties(0).multi_processor_count)
         us = {label: [timer(c, m) for m in autotune.MS]
               for label, c in (("chosen", cfg), ("heuristic", heur), ("cublas", None))}
         us = {label: [t and round(t, 1) for t in ts] for label, ts in us.items()}
@@ -64,8 +64,8 @@ for name, (cls, cfg) in MODELS.items():
     print(f"{name}: first use {first:.1f} s, again {again * 1000:.1f} ms", flush=True)
     ok &= first < 60 and again < 0.5
 # A new process: everything comes from the cache (no "tuning" line, nothing tuned).
-probe = ("import torch; from dflash.engine.cuda import autotune as a; "
-         "t = a.cached_table(torch.cuda.get_device_name()); "
+probe = ("import torch; from dflash.engine.cuda import autotune as a, gemm_configs as g; "
+         "t = g.cached_table(torch.cuda.get_device_name()); "
          "assert a.tune_shapes([a.GemmShape(n, k, {'o'}, 1) for n, k in t], 'cuda') == {}; "
          "print(len(t))")
 proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

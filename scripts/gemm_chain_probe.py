@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dflash.engine.cuda.kernels import config_for, pdl_enter, pdl_opts, use_pdl
+from dflash.engine.cuda.gemm_configs import config_for
+from dflash.engine.cuda.kernels import pdl_enter, pdl_opts, use_pdl
 from dflash.engine.cuda.layer import _gemm
 from dflash.bench.perf import copy_bandwidth, time_ms
 

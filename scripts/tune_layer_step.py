@@ -7,7 +7,7 @@ kernel overlaps its launch with the previous one, so the best config differs. Th
 builds the Qwen3-4B-shaped target (random bf16 weights) with the fast engine and, shape by
 shape (coordinate descent, two passes), replays the whole AR step (T=1) and verify step
 (T=16) graph for each candidate config, keeping the one with the lowest T=1 + T=16 time.
-Prints every candidate and writes the winners as a table for dflash.engine.cuda.kernels.
+Prints every candidate and writes the winners as a table for dflash.engine.cuda.gemm_configs.
 
 Usage (GPU): python scripts/tune_layer_step.py --out tune_layer.json [--write-table PATH]
 A table written as dflash/engine/cuda/configs/skinny_gemm_<model>.json (e.g. skinny_gemm_a100.json) is
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from dflash.engine.cuda import kernels
+from dflash.engine.cuda import gemm_configs
 from dflash.engine.static import StaticTargetEngine
 from dflash.engine.graphs import GraphCache
 from dflash.engine.cuda.layer import interleave_gate_up
@@ -54,8 +54,8 @@ def deinterleave(w, chunk):
 
 def set_config(eng, name, cfg):
     n, k = SHAPES[name]
-    kernels.tuned_table()[(n, k)] = tuple(cfg)
-    kernels.config_for.cache_clear()
+    gemm_configs.tuned_table()[(n, k)] = tuple(cfg)
+    gemm_configs.config_for.cache_clear()
     if name == "gate_up":
         chunk = cfg[0] // 2
         for fl in eng.fused_layers:
@@ -91,7 +91,7 @@ def main():
     del draft
     ids = torch.randint(0, 1000, (1, args.ctx), device=dev)
     eng.forward(ids, torch.arange(args.ctx, device=dev), kv_len=args.ctx)
-    start = {name: kernels.config_for(*SHAPES[name]) for name in SHAPES}  # loads the table
+    start = {name: gemm_configs.config_for(*SHAPES[name]) for name in SHAPES}  # loads the table
     best = dict(start)
     t1, t16 = measure(eng, args.ctx, args.iters)
     report = {"gpu": torch.cuda.get_device_name(0), "start": {k: list(v) for k, v in start.items()},
@@ -135,7 +135,7 @@ def main():
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     if args.write_table:
-        table = json.loads(kernels.table_path(torch.cuda.get_device_name(0)).read_text())
+        table = json.loads(gemm_configs.table_path(torch.cuda.get_device_name(0)).read_text())
         table["gpu"] = torch.cuda.get_device_name(0)
         for name, cfg in best.items():
             table["configs"][",".join(map(str, SHAPES[name]))] = list(cfg)

@@ -2,7 +2,7 @@
 
 Each candidate is timed the way a decoding step runs it: a CUDA graph of calls over enough
 copies of the weight that none of it stays in L2. Prints per shape the cuBLAS time, the best
-config per M and the best config shared by M = 1 and M = 16 (what dflash.engine.cuda.kernels.tuned_table()
+config per M and the best config shared by M = 1 and M = 16 (what dflash.engine.cuda.gemm_configs.tuned_table()
 holds: one config per (N, K) keeps each row's arithmetic independent of M). Writes JSON.
 Usage (GPU): python scripts/tune_skinny_gemm.py --out tune.json
 """

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from dflash.engine.cuda import autotune, kernels
+from dflash.engine.cuda import autotune, gemm_configs, kernels
 
 GPU = "NVIDIA L40S"
 
@@ -23,15 +23,15 @@ def tuning_on(monkeypatch):
 def fresh(monkeypatch, tmp_path):
     """An empty cache dir, fixed versions, no memory of earlier tuning; caches cleared after."""
     monkeypatch.setenv("DFLASH_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(autotune, "driver_version", lambda: "580.1")
-    monkeypatch.setattr(autotune, "_tables", {})
+    monkeypatch.setattr(gemm_configs, "driver_version", lambda: "580.1")
+    monkeypatch.setattr(gemm_configs, "_tables", {})
     monkeypatch.setattr(autotune, "_attempted", set())
-    monkeypatch.setattr(autotune, "_warned", set())
-    kernels.tuned_table.cache_clear()
-    kernels.config_for.cache_clear()
+    monkeypatch.setattr(gemm_configs, "_warned", set())
+    gemm_configs.tuned_table.cache_clear()
+    gemm_configs.config_for.cache_clear()
     yield tmp_path
-    kernels.tuned_table.cache_clear()
-    kernels.config_for.cache_clear()
+    gemm_configs.tuned_table.cache_clear()
+    gemm_configs.config_for.cache_clear()
 
 
 @pytest.fixture
@@ -44,6 +44,7 @@ def fake_gpu(monkeypatch, fresh):
                         lambda index=None: types.SimpleNamespace(multi_processor_count=142))
     monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
     monkeypatch.setattr(kernels, "triton", types.SimpleNamespace(__version__="3.6.0"))
+    monkeypatch.setattr(gemm_configs, "_triton_version", lambda: "3.6.0")
     monkeypatch.setattr(kernels, "ENABLED", True)
     return fresh
 
@@ -64,43 +65,43 @@ def fake_timer(best=None, cublas=100.0, worst=200.0):
 def test_cache_root_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("DFLASH_CACHE_DIR", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert autotune.cache_root() == tmp_path / "a"
+    assert gemm_configs.cache_root() == tmp_path / "a"
     monkeypatch.delenv("DFLASH_CACHE_DIR")
-    assert autotune.cache_root() == tmp_path / "xdg" / "dflash"
+    assert gemm_configs.cache_root() == tmp_path / "xdg" / "dflash"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert autotune.cache_root() == tmp_path / "home" / ".cache" / "dflash"
+    assert gemm_configs.cache_root() == tmp_path / "home" / ".cache" / "dflash"
 
 
 def test_cache_key_names_gpu_driver_triton_torch(fake_gpu, monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
-    path = autotune.cache_path("NVIDIA L40S")
+    path = gemm_configs.cache_path("NVIDIA L40S")
     assert path.parent == fake_gpu / "cache" / "skinny_gemm"
     assert path.name == "nvidia-l40s__driver-580.1__triton-3.6.0__torch-2.11.0-cu130.json"
 
 
 def test_store_round_trip(fake_gpu):
     table = {(4096, 4096): (64, 128, 8, 4, 4), (151936, 4096): None}
-    path = autotune.store(GPU, table)
+    path = gemm_configs.store(GPU, table)
     doc = json.loads(path.read_text())
     assert doc["gpu"] == GPU and doc["driver"] == "580.1" and doc["triton"] == "3.6.0"
     assert doc["configs"] == {"4096,4096": [64, 128, 8, 4, 4], "151936,4096": None}
     assert not list(path.parent.glob(".*tmp"))  # atomic: no temporary left behind
-    autotune._tables.clear()  # a new process
-    assert autotune.cached_table(GPU) == table
-    autotune.store(GPU, {(1024, 4096): (32, 128, 4, 4, 4)})  # merges
-    autotune._tables.clear()
-    assert len(autotune.cached_table(GPU)) == 3
+    gemm_configs._tables.clear()  # a new process
+    assert gemm_configs.cached_table(GPU) == table
+    gemm_configs.store(GPU, {(1024, 4096): (32, 128, 4, 4, 4)})  # merges
+    gemm_configs._tables.clear()
+    assert len(gemm_configs.cached_table(GPU)) == 3
 
 
 @pytest.mark.parametrize("text", ["{not json", '{"configs": {"1,2": [1, 2]}}', '[1, 2]'])
 def test_corrupt_cache_ignored_with_one_warning(fake_gpu, capsys, text):
-    path = autotune.cache_path(GPU)
+    path = gemm_configs.cache_path(GPU)
     path.parent.mkdir(parents=True)
     path.write_text(text)
-    assert autotune.cached_table(GPU) == {}
-    autotune._tables.clear()
-    assert autotune.cached_table(GPU) == {}
+    assert gemm_configs.cached_table(GPU) == {}
+    gemm_configs._tables.clear()
+    assert gemm_configs.cached_table(GPU) == {}
     assert capsys.readouterr().err.count("ignoring the GEMM tuning cache") == 1
 
 
@@ -108,9 +109,9 @@ def test_unwritable_cache_keeps_configs_in_memory(fake_gpu, monkeypatch, capsys)
     blocker = fake_gpu / "file"
     blocker.write_text("")
     monkeypatch.setenv("DFLASH_CACHE_DIR", str(blocker / "sub"))  # a dir under a file
-    autotune.store(GPU, {(4096, 4096): (64, 128, 8, 4, 4)})
+    gemm_configs.store(GPU, {(4096, 4096): (64, 128, 8, 4, 4)})
     assert "cannot write the GEMM tuning cache" in capsys.readouterr().err
-    assert autotune.cached_table(GPU) == {(4096, 4096): (64, 128, 8, 4, 4)}
+    assert gemm_configs.cached_table(GPU) == {(4096, 4096): (64, 128, 8, 4, 4)}
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -156,7 +157,7 @@ def test_candidates_respect_roles():
         assert coarse[0] == autotune.coarse_candidates(shape, 132)[0]  # deterministic
         assert all(autotune.allowed(shape, c) for c in coarse)
     assert all(c[2] == 1 and gu.n % c[0] == 0 for c in autotune.coarse_candidates(gu, 132))
-    assert autotune.coarse_candidates(LM, 132)[0] == kernels.heuristic_config(LM.n, LM.k, 132)
+    assert autotune.coarse_candidates(LM, 132)[0] == gemm_configs.heuristic_config(LM.n, LM.k, 132)
 
 
 def test_best_config_chosen():
@@ -195,13 +196,13 @@ def _shapes(n):
 
 def test_tune_shapes_caches_and_config_for_sees_it(fake_gpu, monkeypatch, capsys):
     shape = _shapes(1)[0]
-    before = kernels.config_for(shape.n, shape.k)  # the heuristic, now cached by lru_cache
-    assert before == kernels.heuristic_config(shape.n, shape.k, 142)
+    before = gemm_configs.config_for(shape.n, shape.k)  # the heuristic, now cached by lru_cache
+    assert before == gemm_configs.heuristic_config(shape.n, shape.k, 142)
     chosen = (32, 128, 4, 4, 4)
     monkeypatch.setattr(autotune, "make_timer", lambda *a: fake_timer({chosen: 10.0}))
     assert autotune.tune_shapes([shape], "cuda") == {shape.key: chosen}
-    assert kernels.config_for(shape.n, shape.k) == chosen
-    assert autotune.cache_path(GPU).exists()
+    assert gemm_configs.config_for(shape.n, shape.k) == chosen
+    assert gemm_configs.cache_path(GPU).exists()
     err = capsys.readouterr().err
     assert f"tuning 1 GEMM shape for {GPU} (first use, cached in" in err
     assert "tuned 1/1 shapes" in err
@@ -219,7 +220,7 @@ def test_budget_cut_off(fake_gpu, monkeypatch, capsys):
     tuned = autotune.tune_shapes(_shapes(3), "cuda", budget_s=per_shape * 1.5 + 30)
     assert len(tuned) == 1  # the second shape ran out of time: not cached, heuristic kept
     assert "budget of" in capsys.readouterr().err
-    assert set(autotune.cached_table(GPU)) == set(tuned)
+    assert set(gemm_configs.cached_table(GPU)) == set(tuned)
     assert autotune.tune_shapes(_shapes(3), "cuda") == {}  # not retried in this process
 
 
@@ -231,7 +232,7 @@ def test_ensure_tuned_once_then_no_io(fake_gpu, monkeypatch):
     n_shapes = len(autotune.decode_shapes([target, draft]))
     assert len(timers) == n_shapes
     reads = []
-    monkeypatch.setattr(autotune, "_read", lambda path: reads.append(path) or {})
+    monkeypatch.setattr(gemm_configs, "_read", lambda path: reads.append(path) or {})
     autotune.ensure_tuned([target, draft], torch.device("cuda"))
     assert len(timers) == n_shapes and not reads
 
@@ -252,8 +253,8 @@ def test_off_switches(fake_gpu, monkeypatch):
 
 def test_shipped_table_counts_only_for_its_own_gpu(fake_gpu, monkeypatch):
     h200_shape = autotune.GemmShape(2560, 4096, {"o"}, 1)  # in the H100 and H200 tables
-    assert autotune.shipped_table("NVIDIA H200")[h200_shape.key]
-    assert autotune.shipped_table(GPU) == {}  # the H100 fallback does not count
+    assert gemm_configs.shipped_table("NVIDIA H200")[h200_shape.key]
+    assert gemm_configs.shipped_table(GPU) == {}  # the H100 fallback does not count
     monkeypatch.setattr(autotune, "make_timer", lambda *a: pytest.fail("H200 is tuned"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
     assert autotune.tune_shapes([h200_shape], "cuda") == {}
@@ -264,13 +265,13 @@ def test_shipped_table_counts_only_for_its_own_gpu(fake_gpu, monkeypatch):
 def test_gpu_tuning_writes_cache_and_config_for_returns_it(fresh, monkeypatch):
     monkeypatch.undo()  # the real driver version
     monkeypatch.setenv("DFLASH_CACHE_DIR", str(fresh / "cache"))
-    monkeypatch.setattr(autotune, "_tables", {})
+    monkeypatch.setattr(gemm_configs, "_tables", {})
     monkeypatch.setattr(autotune, "_attempted", set())
     shape = autotune.GemmShape(3072, 1536, {"o"}, 1)  # in no shipped table
     tuned = autotune.tune_shapes([shape], "cuda", budget_s=60)
     cfg = tuned[shape.key]
-    assert cfg is not None and autotune.cache_path(torch.cuda.get_device_name()).exists()
-    assert kernels.config_for(shape.n, shape.k) == cfg
+    assert cfg is not None and gemm_configs.cache_path(torch.cuda.get_device_name()).exists()
+    assert gemm_configs.config_for(shape.n, shape.k) == cfg
     x = torch.randn(16, shape.k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(shape.n, shape.k, device="cuda", dtype=torch.bfloat16) * 0.02
     torch.testing.assert_close(kernels.skinny_matmul(x, w), torch.nn.functional.linear(x, w),

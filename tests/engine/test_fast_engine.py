@@ -64,7 +64,7 @@ def test_package_imports_without_triton():
 
 
 def test_gemm_table_is_chosen_by_gpu_name():
-    from dflash.engine.cuda.kernels import load_table, table_path
+    from dflash.engine.cuda.gemm_configs import load_table, table_path
 
     assert table_path("NVIDIA H200").name == "skinny_gemm_h200.json"
     assert table_path("NVIDIA H100 80GB HBM3").name == "skinny_gemm_h100.json"

@@ -8,7 +8,7 @@ CUDA graphs over enough weight copies that none stays in L2, within a whole-mode
 (``DFLASH_AUTOTUNE_BUDGET_S``, default 50 s; shapes left over keep the heuristic and are tuned
 on a later run). Results go to ``$DFLASH_CACHE_DIR`` / ``$XDG_CACHE_HOME/dflash`` /
 ``~/.cache/dflash``, ``skinny_gemm/<gpu>__driver-<v>__triton-<v>__torch-<v>.json``, which
-``kernels.tuned_table`` merges over the shipped table. ``DFLASH_AUTOTUNE=0`` turns it off.
+``gemm_configs.tuned_table`` merges over the shipped table. ``DFLASH_AUTOTUNE=0`` turns it off.
 See docs/AUTOTUNE.md. CLI: ``python -m dflash.engine.cuda.autotune --shape N,K ...``.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import gemm_configs, kernels
+from .gemm_configs import heuristic_config, valid_config
 
 MS = (1, 16)  # the decode batch sizes a config must serve (one config per (N, K))
 CUBLAS_MARGIN = 1.03  # cuBLAS must win by more than this to take a shape
@@ -44,9 +45,7 @@ COARSE = 24  # (tile, split) pairs timed first; then warps/stages around the bes
 UNSPLIT = {"qkv", "gate_up"}
 KEEP_TRITON = {"qkv", "o", "gate_up", "down", "router"}
 
-_tables: dict[str, dict] = {}  # cache file -> its configs, as this process knows them
 _attempted: set[tuple[str, int, int]] = set()  # (gpu, N, K) tuned (or tried) in this process
-_warned: set[str] = set()
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -126,123 +125,6 @@ def decode_shapes(models) -> list[GemmShape]:
     return sorted(shapes.values(), key=lambda s: -s.count * s.n * s.k)
 
 
-# ----------------------------------------------------------------------------- cache
-def cache_root() -> Path:
-    root = os.environ.get("DFLASH_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = os.path.join(xdg, "dflash") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "dflash")
-    return Path(root)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", str(text).lower()).strip("-") or "unknown"
-
-
-@functools.lru_cache(maxsize=None)
-def driver_version() -> str:
-    """The NVIDIA driver version: torch, else pynvml, else nvidia-smi, else 'unknown'."""
-    get = getattr(torch.cuda, "driver_version", None)
-    if get is not None:
-        try:
-            return str(get())
-        except Exception:  # noqa: BLE001 - fall through to the next source
-            pass
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        version = pynvml.nvmlSystemGetDriverVersion()
-        return version.decode() if isinstance(version, bytes) else str(version)
-    except Exception:  # noqa: BLE001 - not installed, or no NVML
-        pass
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=5, check=True).stdout
-        return out.strip().splitlines()[0].strip() or "unknown"
-    except Exception:  # noqa: BLE001 - no nvidia-smi, or it failed
-        return "unknown"
-
-
-def versions() -> dict[str, str]:
-    """What a tuned config depends on besides the GPU model."""
-    triton = kernels.triton
-    return {"driver": driver_version(), "triton": getattr(triton, "__version__", "none"),
-            "torch": torch.__version__}
-
-
-def cache_path(gpu_name: str) -> Path:
-    v = versions()
-    name = (f"{_slug(gpu_name)}__driver-{_slug(v['driver'])}__triton-{_slug(v['triton'])}"
-            f"__torch-{_slug(v['torch'])}.json")
-    return cache_root() / "skinny_gemm" / name
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        print(f"warning: {message}", file=sys.stderr)
-
-
-def _parse(configs: dict) -> dict[tuple[int, int], tuple[int, ...] | None]:
-    table = {}
-    for key, cfg in configs.items():
-        n, k = (int(v) for v in key.split(","))
-        if cfg is not None:
-            cfg = tuple(int(v) for v in cfg)
-            if len(cfg) != 5 or min(cfg) < 1:
-                raise ValueError(f"bad config {key}: {cfg}")
-        table[(n, k)] = cfg
-    return table
-
-
-def _read(path: Path) -> dict:
-    """The configs in a cache file; {} (with one warning) if it is unreadable or corrupt."""
-    try:
-        return _parse(json.loads(path.read_text())["configs"])
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        _warn_once(str(path), f"ignoring the GEMM tuning cache {path} ({type(err).__name__}: {err})")
-        return {}
-
-
-def cached_table(gpu_name: str) -> dict:
-    """(N, K) -> config (or None = cuBLAS) tuned earlier on this machine for ``gpu_name``,
-    with this driver, Triton and torch. Read once per process."""
-    path = cache_path(gpu_name)
-    if str(path) not in _tables:
-        _tables[str(path)] = _read(path)
-    return dict(_tables[str(path)])
-
-
-def store(gpu_name: str, new: dict) -> Path:
-    """Add ``new`` configs to the cache (atomically; merged with what another process may have
-    written meanwhile). An unwritable cache keeps them in memory for this process."""
-    from ...runlog import atomic_write_json
-
-    path = cache_path(gpu_name)
-    table = {**_read(path), **_tables.get(str(path), {}), **new}
-    _tables[str(path)] = table
-    doc = {"gpu": gpu_name, **versions(), "note": "written by dflash.engine.cuda.autotune",
-           "configs": {f"{n},{k}": (list(cfg) if cfg else None) for (n, k), cfg in sorted(table.items())}}
-    try:
-        atomic_write_json(path, doc)
-    except OSError as err:
-        _warn_once(f"write:{path}", f"cannot write the GEMM tuning cache {path} ({err}); "
-                                    "the tuned configs last for this process only")
-    kernels.tuned_table.cache_clear()
-    kernels.config_for.cache_clear()
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def shipped_table(gpu_name: str) -> dict:
-    """The repo's table tuned on this GPU model ({} when only the H100 fallback applies)."""
-    path = kernels.table_path(gpu_name)
-    return kernels.load_table(path) if path.stem[len("skinny_gemm_"):] in gpu_name.lower() else {}
-
-
 # ----------------------------------------------------------------------------- candidates
 def _programs(n: int, cfg) -> int:
     return -(-n // cfg[0]) * cfg[2]
@@ -251,7 +133,7 @@ def _programs(n: int, cfg) -> int:
 def allowed(shape: GemmShape, cfg) -> bool:
     """Whether the engines can run ``cfg`` for every role of ``shape``."""
     bn, bk, split, warps, _ = cfg
-    if not kernels.valid_config(shape.n, shape.k, cfg) or bn * bk > 16384 or (warps == 8 and bn < 64):
+    if not valid_config(shape.n, shape.k, cfg) or bn * bk > 16384 or (warps == 8 and bn < 64):
         return False
     if shape.roles & UNSPLIT and split != 1:
         return False
@@ -271,7 +153,7 @@ def coarse_candidates(shape: GemmShape, sms: int, prior=None) -> list[tuple]:
     grid = [(bn, bk, split, 4, 3 if bn * bk >= 16384 else 4)
             for (bn, bk), split in itertools.product(TILES, SPLITS)]
     grid = sorted((c for c in grid if allowed(shape, c)), key=_near(shape, sms))
-    first = [fit(c) for c in (kernels.heuristic_config(shape.n, shape.k, sms), prior) if c]
+    first = [fit(c) for c in (heuristic_config(shape.n, shape.k, sms), prior) if c]
     out = []
     for cfg in first + grid:
         if cfg not in out and allowed(shape, cfg):
@@ -404,13 +286,13 @@ def tune_shapes(shapes: list[GemmShape], device, dtype=torch.bfloat16, *, force:
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     gpu = torch.cuda.get_device_name(index)
-    known = {} if force else {**shipped_table(gpu), **cached_table(gpu)}
+    known = {} if force else {**gemm_configs.shipped_table(gpu), **gemm_configs.cached_table(gpu)}
     todo = [s for s in shapes if s.key not in known and (force or (gpu, *s.key) not in _attempted)]
     if not todo:
         return {}
     _attempted.update((gpu, *s.key) for s in todo)  # once per process: configs stay put in a run
     budget = _budget_s() if budget_s is None else budget_s
-    print(f"tuning {len(todo)} GEMM shape{'s' if len(todo) != 1 else ''} for {gpu} (first use, cached in {cache_path(gpu)})",
+    print(f"tuning {len(todo)} GEMM shape{'s' if len(todo) != 1 else ''} for {gpu} (first use, cached in {gemm_configs.cache_path(gpu)})",
           file=sys.stderr, flush=True)
     start = time.monotonic()
     with torch.cuda.device(index):
@@ -421,14 +303,14 @@ def tune_shapes(shapes: list[GemmShape], device, dtype=torch.bfloat16, *, force:
                  "this run (tuned on a later run; DFLASH_AUTOTUNE_BUDGET_S raises it)")
     _progress(line, end=True)
     if tuned:
-        store(gpu, tuned)
+        gemm_configs.store(gpu, tuned)
     return tuned
 
 
 def _tune_each(todo: list[GemmShape], index: int, dtype, deadline: float):
     """({(N, K): config} of the shapes finished before ``deadline``, whether it ran out)."""
     sms = torch.cuda.get_device_properties(index).multi_processor_count
-    fallback = kernels.load_table(kernels.TABLE_PATH)  # a good first guess on most GPUs
+    fallback = gemm_configs.load_table(gemm_configs.TABLE_PATH)  # a good first guess on most GPUs
     start, tuned = time.monotonic(), {}
     for i, shape in enumerate(todo):
         if time.monotonic() > deadline:
@@ -436,7 +318,7 @@ def _tune_each(todo: list[GemmShape], index: int, dtype, deadline: float):
         try:
             timer = make_timer(shape.n, shape.k, torch.device("cuda", index), dtype)
         except torch.cuda.OutOfMemoryError:
-            _warn_once(f"oom:{shape.key}", f"no room to tune {shape.n}x{shape.k}: heuristic kept")
+            gemm_configs._warn_once(f"oom:{shape.key}", f"no room to tune {shape.n}x{shape.k}: heuristic kept")
             continue
         cfg, done = tune_shape(shape, sms, timer, deadline, fallback.get(shape.key))
         del timer
@@ -510,9 +392,9 @@ def main(argv=None) -> None:
                         budget_s=args.budget)
     gpu = torch.cuda.get_device_name()
     print(json.dumps({"gpu": gpu, "seconds": round(time.monotonic() - t0, 1),
-                      "cache": str(cache_path(gpu)),
+                      "cache": str(gemm_configs.cache_path(gpu)),
                       "tuned": {f"{n},{k}": cfg for (n, k), cfg in tuned.items()},
-                      "configs": {f"{s.n},{s.k}": kernels.config_for(s.n, s.k) for s in shapes}}))
+                      "configs": {f"{s.n},{s.k}": gemm_configs.config_for(s.n, s.k) for s in shapes}}))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ Used only on CUDA when Triton is importable; everything else calls ``F.linear``.
 from __future__ import annotations
 
 import functools
-import json
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .gemm_configs import config_for
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds usually lack it.
     import triton
@@ -140,73 +140,6 @@ if triton is not None:
         for s in range(1, SPLIT):
             acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-# (N, K) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for the Qwen3-4B target/draft
-# shapes, tuned per GPU model by scripts/tune_skinny_gemm.py and (the four decoder-layer
-# shapes, inside the graphed step) scripts/tune_layer_step.py. The H100 table serves every
-# GPU without its own; unknown shapes use a heuristic.
-CONFIG_DIR = Path(__file__).parent / "configs"
-TABLE_PATH = CONFIG_DIR / "skinny_gemm_h100.json"
-
-
-def table_path(gpu_name: str) -> Path:
-    """The tuned table for a GPU model: configs/skinny_gemm_<model>.json whose <model> is in
-    the device name ('h200' for 'NVIDIA H200'); the H100 table otherwise."""
-    name = gpu_name.lower()
-    tables = sorted(CONFIG_DIR.glob("skinny_gemm_*.json"), key=lambda p: -len(p.stem))
-    for path in tables:  # the longest (most specific) model name first
-        if path.stem[len("skinny_gemm_"):] in name:
-            return path
-    return TABLE_PATH
-
-
-def load_table(path: Path = TABLE_PATH) -> dict[tuple[int, int], tuple[int, ...]]:
-    if not path.exists():
-        return {}
-    raw = json.loads(path.read_text())["configs"]
-    # A null entry means cuBLAS was faster for that shape.
-    return {tuple(int(v) for v in key.split(",")): tuple(cfg) if cfg else None
-            for key, cfg in raw.items()}
-
-
-@functools.lru_cache(maxsize=None)
-def tuned_table() -> dict[tuple[int, int], tuple[int, ...] | None]:
-    """The table for the current GPU, loaded on first use (scripts may edit the dict)."""
-    name = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else ""
-    from .autotune import cached_table  # this machine's first-use tuning (engine/cuda/autotune.py)
-
-    table = load_table(table_path(name))
-    if name:  # tuned on this very GPU: more specific than a shipped (perhaps other GPU's) table
-        table.update(cached_table(name))
-    return table
-
-
-def heuristic_config(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, int]:
-    """Enough programs to fill the GPU a few times over, K split only for narrow outputs."""
-    block_n = 64
-    block_k = 128 if k % 128 == 0 else 64  # e.g. K = 2880 (gpt-oss): still the skinny kernel
-    split = 1
-    while (n // block_n) * split < 4 * sms and k % (2 * split * block_k) == 0 and split < 16:
-        split *= 2
-    return block_n, block_k, split, 4, 4
-
-
-def valid_config(n: int, k: int, cfg) -> bool:
-    block_n, block_k, split, _, _ = cfg
-    return k % (split * block_k) == 0
-
-
-@functools.lru_cache(maxsize=None)
-def config_for(n: int, k: int):
-    tuned = tuned_table()
-    if (n, k) in tuned and tuned[(n, k)] is None:
-        return None
-    cfg = tuned.get((n, k))
-    if cfg is None or not valid_config(n, k, cfg):
-        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-        cfg = heuristic_config(n, k, sms)
-    return cfg if valid_config(n, k, cfg) else None
 
 
 def skinny_matmul(x: torch.Tensor, w: torch.Tensor, cfg=None) -> torch.Tensor:

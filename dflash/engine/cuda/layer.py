@@ -30,7 +30,8 @@ import os
 
 import torch
 
-from .kernels import config_for, decode_attention, pdl_opts, triton, use_pdl, use_prefetch
+from .gemm_configs import config_for
+from .kernels import decode_attention, pdl_opts, triton, use_pdl, use_prefetch
 from .dflash2 import chain_conv_supported, conv_finish_residual_norm, conv_prepare
 from .moe import kernel_supported as moe_supported
 
