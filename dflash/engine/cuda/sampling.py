@@ -141,6 +141,7 @@ if triton is not None:
         x3 = tl.load(rp + c3, mask=c3 < V, other=float("-inf")).to(tl.float32) / temperature
         m = tl.maximum(tl.maximum(tl.max(x0, axis=0), tl.max(x1, axis=0)),
                        tl.maximum(tl.max(x2, axis=0), tl.max(x3, axis=0)))
+        m = tl.where(m == float("-inf"), 0.0, m)  # a chunk of -inf logits: sum 0, not NaN
         s = (tl.sum(tl.exp(x0 - m), axis=0) + tl.sum(tl.exp(x1 - m), axis=0)
              + tl.sum(tl.exp(x2 - m), axis=0) + tl.sum(tl.exp(x3 - m), axis=0))
         out = (d * tl.num_programs(0) + row) * NCH + c
@@ -515,12 +516,12 @@ def dense_accept(target_logits: torch.Tensor, proposals: torch.Tensor,
     if nd > 1:
         pm.view(nd, -1)[1:] = pm1
         ps.view(nd, -1)[1:] = ps1
-    if n == 0:
-        ql, lse_q, proposals = pl, pm, torch.zeros(nd, dtype=torch.int64, device=dev)
+    acc = torch.empty(*lead, 1, dtype=torch.int64, device=dev)
+    if n == 0:  # no proposals: the draft arguments are never read
+        ql, lse_q, proposals = pl, pm, acc
     else:
         ql = _rows(draft_logits)
         assert ql.shape == (n, vocab)
-    acc = torch.empty(*lead, 1, dtype=torch.int64, device=dev)
     mass, rk, pk = (torch.empty(nd * nch, **f) for _ in range(3))
     ri, pi = (torch.empty(nd * nch, dtype=torch.int32, device=dev) for _ in range(2))
     b_p2, nch_p2 = _pow2(max(b, 2)), _pow2(max(nch, 2))
@@ -551,7 +552,7 @@ def sparse_law(logits: torch.Tensor, temperature: float, top_p: float, top_k: in
     short = x.element_size() == 2
     cand = torch.empty(n * nch * kp, dtype=torch.int64, device=dev)
     _topk_chunk_kernel[(n, nch)](x, x.stride(0), vocab, float(temperature), cand, nch, NG=ng,
-                                 G=g, KP=kp, SHORT=short, num_warps=4)
+                                 G=g, KP=kp, SHORT=short, num_warps=8)
     ids = torch.empty(n, kp, dtype=torch.int64, device=dev)
     probs = torch.empty(n, kp, dtype=torch.float32, device=dev)
     nd, lead = _draws(rng) if rng is not None else (1, ())
@@ -572,10 +573,9 @@ def sparse_accept(proposals: torch.Tensor, q_ids, q_probs, p_ids: torch.Tensor,
     n = b - 1
     nd, lead = _draws(rng)
     dev = p_ids.device
-    if n == 0:
-        q_ids, q_probs = p_ids, p_probs
-        proposals = torch.zeros(nd, dtype=torch.int64, device=dev)
     acc = torch.empty(*lead, 1, dtype=torch.int64, device=dev)
+    if n == 0:  # no proposals: the draft arguments are never read
+        q_ids, q_probs, proposals = p_ids, p_probs, acc
     nxt = torch.empty(*lead, b, dtype=torch.int64, device=dev)
     _sparse_accept_kernel[(nd,)](proposals, q_ids, q_probs, p_ids, p_probs, rng, acc, nxt, b, n,
                                  KP=kp, B_P2=_pow2(max(b, 2)), QB=min(kp, 32), num_warps=4)
