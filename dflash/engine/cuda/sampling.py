@@ -71,9 +71,20 @@ def mode(vocab: int, top_p: float, top_k: int) -> str | None:
     return None
 
 
+def dense_chunk() -> int:
+    """Columns per program of the dense passes (a power of 2 >= 64); DFLASH_DENSE_CHUNK
+    overrides DENSE_CHUNK (tuning)."""
+    return int(os.environ.get("DFLASH_DENSE_CHUNK", DENSE_CHUNK))
+
+
 def topk_config(kp: int) -> tuple[int, int]:
     """(groups NG, group width G) of stage 1 for KP = the top-k rounded up to a power of 2:
-    a chunk is NG * G columns; its second top-k runs over KP * G keys."""
+    a chunk is NG * G columns; its second top-k runs over KP * G keys. DFLASH_TOPK_CONFIG
+    = "NG,G" overrides (tuning; NG >= KP, both powers of 2)."""
+    env = os.environ.get("DFLASH_TOPK_CONFIG")
+    if env:
+        ng, g = (int(v) for v in env.split(","))
+        return max(ng, kp), g
     if kp <= 64:
         return 512, 16
     if kp <= 128:
@@ -457,12 +468,13 @@ def new_rng(device) -> torch.Tensor:
 
 
 def dense_propose(logits: torch.Tensor, temperature: float, rng: torch.Tensor,
-                  chunk: int = DENSE_CHUNK):
+                  chunk: int | None = None):
     """Unfiltered draft rows [n, V] -> (proposals [n] int64, lse [n] float32): a draw from
     softmax(logits / T) per row (use 0 of ``rng``'s counter; does not advance it)."""
     x = _rows(logits)
     n, vocab = x.shape
     nd, lead = _draws(rng)
+    chunk = chunk or dense_chunk()
     nch = triton.cdiv(vocab, chunk)
     assert n * nch * chunk < (1 << _USE_SHIFT)
     f = dict(dtype=torch.float32, device=x.device)
@@ -477,10 +489,11 @@ def dense_propose(logits: torch.Tensor, temperature: float, rng: torch.Tensor,
     return tok, lse
 
 
-def dense_lse(logits: torch.Tensor, temperature: float, chunk: int = DENSE_CHUNK):
+def dense_lse(logits: torch.Tensor, temperature: float, chunk: int | None = None):
     """Rows [n, V] -> log-normalisers of logits / T [n] (the stats and combine kernels)."""
     x = _rows(logits)
     n, vocab = x.shape
+    chunk = chunk or dense_chunk()
     nch = triton.cdiv(vocab, chunk)
     f = dict(dtype=torch.float32, device=x.device)
     m, s = torch.empty(n * nch, **f), torch.empty(n * nch, **f)
@@ -495,7 +508,7 @@ def dense_lse(logits: torch.Tensor, temperature: float, chunk: int = DENSE_CHUNK
 
 def dense_accept(target_logits: torch.Tensor, proposals: torch.Tensor,
                  draft_logits: torch.Tensor | None, lse_q: torch.Tensor | None,
-                 temperature: float, rng: torch.Tensor, chunk: int = DENSE_CHUNK):
+                 temperature: float, rng: torch.Tensor, chunk: int | None = None):
     """Target rows [b, V], the b-1 proposals, the draft rows [b-1, V] and their lse
     (``dense_propose``) -> (accepted [1] int64, next tokens [b] int64, every entry the
     token after the accepted prefix), as ``speculative_accept`` on softmax(logits / T)
@@ -504,6 +517,7 @@ def dense_accept(target_logits: torch.Tensor, proposals: torch.Tensor,
     b, vocab = pl.shape
     n = b - 1
     nd, lead = _draws(rng)
+    chunk = chunk or dense_chunk()
     nch = triton.cdiv(vocab, chunk)
     assert b * nch * chunk < (1 << _USE_SHIFT)
     dev = pl.device
