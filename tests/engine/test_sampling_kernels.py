@@ -273,7 +273,7 @@ def test_accept_step_is_exact(b, setting):
 def test_same_counter_same_tokens(setting):
     """rng [seed, counter]: the same state, the same tokens; the one-draw launch is the draw
     axis's row with that state; the advanced counter draws other tokens."""
-    b, vocab = 4, 300
+    b, vocab = 4, 96
     p_logits, q_logits = _rows_pair(b, vocab, 3)
     p_logits, q_logits = p_logits * 0.3, q_logits * 0.3  # flat: draws rarely coincide
     state = torch.tensor([123456789, 5], dtype=torch.int64)
@@ -288,8 +288,36 @@ def test_same_counter_same_tokens(setting):
     acc, nxt, props = rows
     assert int(acc[0]) == int(outs[0][0][0]) and torch.equal(nxt[0], outs[0][1])
     assert torch.equal(props[0], outs[0][2])
-    assert not torch.equal(props[2], props[0])  # counter + 1
-    assert not torch.equal(props[1], props[0])  # another seed
+    drawn = torch.cat([props, nxt], dim=1)
+    assert not torch.equal(drawn[2], drawn[0])  # counter + 1
+    assert not torch.equal(drawn[1], drawn[0])  # another seed
+
+
+# --- the cycle ------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (HAVE_TRITON and INTERPRET), reason="the interpreter's CPU cycle")
+def test_cpu_cycle_runs_the_kernels(monkeypatch):
+    """CPU graph mode under the interpreter with DFLASH_SAMPLING_KERNELS=1: the fused cycle
+    runs the kernels' law (dense, sparse; top-p alone keeps the torch path), the same seed
+    gives the same tokens and another seed others."""
+    from dflash.decoding.loop import SpeculativeDecoder
+    from dflash.model.toy import make_random_draft, make_random_target
+
+    monkeypatch.setenv("DFLASH_SAMPLING_KERNELS", "1")
+    monkeypatch.setenv("DFLASH_TOPK_CONFIG", "8,2")
+    target = make_random_target(vocab_size=8, hidden_size=16, num_layers=2, num_heads=2,
+                                num_kv_heads=1, seed=3)
+    draft = make_random_draft(target, block_size=4, num_layers=1, seed=4)
+    dec = SpeculativeDecoder(target, draft, engine="fast", compile=False, _cpu_graph_mode=True)
+    for st, b, law in [((1.0, 1.0, 0), 1, "dense"), ((0.9, 1.0, 0), 4, "dense"),
+                       ((0.8, 0.8, 5), 4, "sparse"), ((1.0, 0.7, 0), 4, None)]:
+        def run(seed):
+            return dec.generate(torch.tensor([[1, 2, 3]]), 8, temperature=st[0], top_p=st[1],
+                                top_k=st[2], block_size=b,
+                                generator=torch.Generator().manual_seed(seed)).output_ids
+        first = run(5)
+        assert dec._cycles[(b > 1, st)].kernels_used == law
+        assert run(5) == first and run(6) != first, (st, b)
 
 
 # --- the cycle on CUDA ----------------------------------------------------------------------

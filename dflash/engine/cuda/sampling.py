@@ -376,7 +376,9 @@ if triton is not None:
         best = tl.load(src + s)
         for c in range(1, NCH):
             more = tl.load(src + c * KP + s)
-            best = tl.topk(tl.reshape(tl.join(best, more), [2 * KP]), KP)
+            # both sorted descending: the slot-wise max of one and the other reversed holds
+            # the KP largest of the two (a bitonic sequence); one bitonic merge sorts it
+            best = tl.bitonic_merge(tl.maximum(best, tl.flip(more, 0)), descending=True)
         ids, v = _unkey(best, temperature, SHORT)
         kept = s < top_k
         v = tl.where(kept, v, float("-inf"))
@@ -574,7 +576,7 @@ def sparse_law(logits: torch.Tensor, temperature: float, top_p: float, top_k: in
     _topk_merge_kernel[(n, nd)](cand, int(top_k), float(top_p), float(temperature), ids, probs,
                                 rng if rng is not None else ids,
                                 tok if tok is not None else ids, NCH=nch, KP=kp, SHORT=short,
-                                TOP_P=top_p < 1.0, RACE=rng is not None, num_warps=4)
+                                TOP_P=top_p < 1.0, RACE=rng is not None, num_warps=1)
     return ids, probs, tok
 
 
