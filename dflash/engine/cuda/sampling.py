@@ -10,8 +10,10 @@ counter) as the high 32 bits of every counter; the low 32 bits are ``use << 28 |
 so every number a cycle draws has its own counter (use 0: the proposals' races, 1: the
 acceptance uniforms, 2: the residual/bonus race). The last kernel of a cycle advances
 ``rng[1]`` on the device, so each graph replay draws fresh numbers. Draws are races: the
-argmax of ``log w - log E`` over the slots, E = -log U ~ Exp(1) (Gumbel-max), ties to the
-lowest index.
+argmax of ``log w - log E`` over the slots, E = -log(1 - U) ~ Exp(1) (Gumbel-max), ties to
+the lowest index; E is computed from U's fine grid near 0 (31 bits), so the small E that
+win races are not quantised to float32's 2^-24 steps near 1 (~1% ties among the top draws
+of a flat 152k row otherwise).
 
 Two laws are covered (:func:`mode`):
 
@@ -27,8 +29,9 @@ Two laws are covered (:func:`mode`):
   :func:`~dflash.decoding.sampling.sparse_filtered`). Stage 1 (grid rows x chunks) takes a
   chunk as NG groups of G columns, keeps the KP groups with the largest max keys (they hold
   the chunk's KP largest keys: each key outside them has KP larger group maxima above it),
-  and a top-KP of their KP*G keys; stage 2 (one program per row) merges the chunks' lists,
-  then softmax / T, the top-p prefix (keep while the mass *before* a token is < top_p) and
+  and a top-KP of their KP*G keys; stage 2 (one program, one warp, per row) merges the
+  chunks' sorted lists (bitonic: slot-wise max with the next list reversed, one merge), then
+  softmax / T, the top-p prefix (keep while the mass *before* a token is < top_p) and
   the renormalisation give a sparse law (ids [KP], probs [KP]) per row; draft rows draw
   their proposal there. One program then does acceptance and the residual over the sparse
   rows. 5 launches per cycle, 2 of them drafts'.
@@ -111,8 +114,13 @@ if triton is not None:
 
     @triton.jit
     def _gumbel(u):
-        """-log(E), E = -log(U) ~ Exp(1); U = 0 gives -inf (that slot never wins)."""
-        return -tl.log(-tl.log(u))
+        """-log(E), E = -log(1 - U) ~ Exp(1). U's fine grid near 0 (not float32's 2^-24 one
+        near 1) sets the small E that decide races: -log1p(-U) by its series for U < 2^-6;
+        U = 0 is taken as 2^-33 (E = 0 would win whatever the weight)."""
+        v = tl.maximum(u, 1.1641532e-10)
+        series = v * (1.0 + v * (0.5 + v * (0.33333334 + v * 0.25)))
+        e = tl.where(v < 0.015625, series, -tl.log(1.0 - v))
+        return -tl.log(e)
 
     @triton.jit
     def _better(k1, i1, k2, i2):
