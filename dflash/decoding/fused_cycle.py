@@ -169,7 +169,10 @@ class SamplingCycle(_CycleGraph):
 
     Proposals are drawn from the filtered draft distribution q, one per slot independently
     (truncation mode keeps the first b-1 of the nd-1 drafted), then
-    :func:`~dflash.decoding.sampling.speculative_accept` against the filtered target p."""
+    :func:`~dflash.decoding.sampling.speculative_accept` against the filtered target p.
+    On CUDA, for the laws ``dflash.engine.cuda.sampling.mode`` takes, the same steps run as
+    its Triton kernels (randomness from ``self.rng``); ``kernels_used`` says which law they
+    ran in the last traced cycle (None: the torch path)."""
 
     def __init__(self, target, draft, mask_id: int, device: torch.device, temperature: float,
                  top_p: float = 1.0, top_k: int = 0):
