@@ -16,7 +16,8 @@
 
 The kernel tests run on CUDA, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1
 pytest ...`` with triton importable; small vocabularies and chunks, fewer draws: ~2-3 min
-on 2 cores); elsewhere (the CPU wheels of torch in CI) they skip.
+on 2 cores; SAMPLING_KERNELS_ALL=1 adds the b = 16 and top-k-only exactness cases, ~5 min
+more); elsewhere (the CPU wheels of torch in CI) they skip.
 """
 import math
 import os
@@ -239,7 +240,7 @@ def test_accept_step_is_exact(b, setting):
     """DRAWS independent draws: (a, token after a) jointly and the first emitted token
     against their exact laws; on 13 tokens (21 on b = 16, chunks of 16), acceptance and
     rejection both seen. b = 16 and the top-k setting run on CUDA only (interpreter time)."""
-    if not CUDA and (b == 16 or setting == "top_k"):
+    if not CUDA and (b == 16 or setting == "top_k") and not os.environ.get("SAMPLING_KERNELS_ALL"):
         pytest.skip("interpreter: b = 1 and 4, two settings")
     vocab = 21 if b == 16 else 13
     p_logits, q_logits = _rows_pair(b, vocab, 40 + b)
