@@ -456,7 +456,7 @@ def environment_info(device: torch.device) -> dict:
     except ImportError:  # CPU wheels of torch ship none
         pass
     if device.type == "cuda":
-        from ..engine.cuda.autotune import driver_version
+        from ..engine.cuda.gemm_configs import driver_version
         info["driver_version"] = driver_version()
     if device.type == "cpu":
         info["cpu_name"] = platform.processor() or platform.machine()
